@@ -1,0 +1,229 @@
+"""What every operator built from a model and a data set shares.
+
+A subclass writes its per-batch product once, as a pure function of
+``(primals, X, y, V, weight)`` against the backend protocol; this class
+compiles it (``jax.jit``; as is for PyTorch), walks over the data, converts
+batches, splits wide matrices into column blocks, and accumulates.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import numpy as np
+
+from curvlinops._base import LinearOperator
+from curvlinops._checks import type_error, value_error
+from curvlinops.backends import make_backend
+
+__all__ = ["CurvatureOperator", "DEFAULT_COLUMNS_PER_PASS"]
+
+DEFAULT_COLUMNS_PER_PASS = 32
+"""Columns evaluated together by ``vmap``: bounds the memory of wide products."""
+
+
+class CurvatureOperator(LinearOperator):
+    """Base of Hessian, GGN and Jacobian operators.
+
+    Subclasses set ``_needs_loss`` and implement :meth:`_batch_matmat` (and
+    :meth:`_batch_rmatmat` when not symmetric).
+    """
+
+    _needs_loss = True
+
+    def __init__(
+        self,
+        model_func: Any,
+        loss_func: Any,
+        params: Any,
+        data: Iterable,
+        *,
+        progressbar: bool = False,
+        check_deterministic: bool = True,
+        num_data: int | None = None,
+        batch_size_fn: Callable[[Any], int] | None = None,
+        backend: str | None = None,
+        columns_per_pass: int = DEFAULT_COLUMNS_PER_PASS,
+    ) -> None:
+        self.backend = make_backend(model_func, params, backend)
+        self._loss = self.backend.loss(loss_func) if self._needs_loss else None
+        self._data = _check_data(data)
+        self._batch_size_fn = _check_callable_or_none(batch_size_fn, "batch_size_fn")
+        self._progressbar = bool(progressbar)
+        self.columns_per_pass = _check_positive_int(columns_per_pass, "columns_per_pass")
+        self.num_params = sum(int(np.prod(s, dtype=int)) for s in self.backend.param_shapes)
+        self._batch_sizes, self._output_sizes = self._survey_data()
+        self.num_data = self._check_num_data(num_data)
+        self._compiled_matmat = self.backend.compile(self._batch_matmat)
+        self._compiled_rmatmat = (
+            None if self.is_symmetric else self.backend.compile(self._batch_rmatmat)
+        )
+        super().__init__(self.backend.dtype, self._shape())
+        if check_deterministic:
+            self._check_deterministic()
+
+    # --- what subclasses write ----------------------------------------------
+    def _shape(self) -> tuple[int, int]:
+        return (self.num_params, self.num_params)
+
+    def _batch_matmat(self, primals: Any, X: Any, y: Any, V: Any, weight: Any) -> Any:
+        raise NotImplementedError
+
+    def _batch_rmatmat(self, primals: Any, X: Any, y: Any, U: Any, weight: Any) -> Any:
+        raise NotImplementedError
+
+    # --- products -------------------------------------------------------------
+    def _native(self, X: Any, adjoint: bool) -> Any:
+        """Accumulate the per-batch products over the data, a column block at a time."""
+        K = X.shape[1]
+        if K <= self.columns_per_pass:
+            return self._accumulate(X, adjoint)
+        blocks = [
+            self._accumulate(X[:, start : start + self.columns_per_pass], adjoint)
+            for start in range(0, K, self.columns_per_pass)
+        ]
+        return self.backend.concat(blocks, axis=1)
+
+    def _accumulate(self, V: Any, adjoint: bool) -> Any:
+        product = self._compiled_rmatmat if adjoint else self._compiled_matmat
+        primals = self.backend.primals
+        result = None
+        for _, X, y, n in self._batches(f"{type(self).__name__} product"):
+            term = product(primals, X, y, V, self._weight(n))
+            result = term if result is None else result + term
+        return result
+
+    def _weight(self, batch_size: int) -> float:
+        """The factor of one batch's loss in the total (normalisation by N)."""
+        if self._loss is not None and self._loss.reduction == "mean":
+            return batch_size / self.num_data
+        return 1.0
+
+    # --- data -------------------------------------------------------------------
+    def _batches(self, description: str = "") -> Iterator[tuple[int, Any, Any, int]]:
+        """``(index, X, y, batch size)`` with native arrays, in the data's order."""
+        batches: Iterable = self._data
+        if self._progressbar:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(batches, desc=description, leave=False)
+        b = self.backend
+        for index, batch in enumerate(batches):
+            X, y = _split_batch(batch, index)
+            X = b.import_batch(X, index)
+            y = None if y is None else b.import_batch(y, index)
+            yield index, X, y, self._batch_size(X, index)
+
+    def _batch_size(self, X: Any, index: int) -> int:
+        if self._batch_size_fn is not None:
+            return int(self._batch_size_fn(X))
+        if not hasattr(X, "shape"):
+            raise value_error(
+                "batch_size_fn",
+                "a function X -> batch size when X is not an array",
+                f"None while batch {index} has X of type {type(X).__name__}",
+                "Pass e.g. batch_size_fn=lambda X: X['input_ids'].shape[0].",
+            )
+        return self.backend.batch_size(X)
+
+    def _survey_data(self) -> tuple[list[int], list[int]]:
+        """Batch sizes and model output sizes, from one pass over the data."""
+        batch_sizes, output_sizes = [], []
+        model = self.backend.model_fn
+        for _, X, _, n in self._batches("curvlinops: reading data"):
+            batch_sizes.append(n)
+            if not self._needs_loss:
+                output_sizes.append(int(np.prod(model(self.backend.primals, X).shape, dtype=int)))
+        if not batch_sizes:
+            raise value_error("data", "at least one batch (X, y)", "an empty iterable")
+        return batch_sizes, output_sizes
+
+    def _check_num_data(self, num_data: int | None) -> int:
+        counted = sum(self._batch_sizes)
+        if num_data is None:
+            return counted
+        num_data = _check_positive_int(num_data, "num_data")
+        if num_data != counted:
+            raise value_error(
+                "num_data",
+                f"the number of data points in data ({counted})",
+                str(num_data),
+                "Leave num_data=None to count them.",
+            )
+        return num_data
+
+    # --- determinism ----------------------------------------------------------------
+    def _check_deterministic(self) -> None:
+        """Two passes over the data must see the same batches and the same model."""
+        b = self.backend
+        first = list(self._batches("curvlinops: checking determinism"))
+        second = list(self._batches("curvlinops: checking determinism"))
+        if len(first) != len(second):
+            raise RuntimeError(
+                f"data: two passes gave {len(first)} and {len(second)} batches. "
+                "Is it a generator or a loader with drop_last and shuffling? Pass a "
+                "deterministic re-iterable, or check_deterministic=False."
+            )
+        for (i, X1, y1, _), (_, X2, y2, _) in zip(first, second):
+            if not (b.equal(X1, X2) and b.equal(y1, y2)):
+                raise RuntimeError(
+                    f"data: batch {i} differed between two passes. A shuffled DataLoader "
+                    "(shuffle=True) or random augmentation? Use shuffle=False and no random "
+                    "transforms, or pass check_deterministic=False."
+                )
+            out1 = b.model_fn(b.primals, X1)
+            out2 = b.model_fn(b.primals, X2)
+            if not b.equal(out1, out2):
+                raise RuntimeError(
+                    f"model_func: two evaluations on batch {i} gave different outputs. Dropout "
+                    "or another random layer active? Call model.eval() (PyTorch) or make the "
+                    "function deterministic, or pass check_deterministic=False."
+                )
+        probe = b.random_normal((self.shape[1], 1), seed=0)
+        if not _close(b, self._native(probe, False), self._native(probe, False)):
+            raise RuntimeError(
+                f"{type(self).__name__}: two products with the same vector differ. Is the "
+                "model or the loss random? Pass check_deterministic=False to skip this check."
+            )
+
+
+def _close(b: Any, a: Any, c: Any) -> bool:
+    a, c = b.to_numpy(a), b.to_numpy(c)
+    scale = max(float(np.max(np.abs(a))), np.finfo(a.dtype).tiny)
+    return bool(np.max(np.abs(a - c)) <= 1e-5 * scale)
+
+
+def _split_batch(batch: Any, index: int) -> tuple[Any, Any]:
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    raise type_error(
+        f"data batch {index}", "a pair (X, y)", batch, "data must yield (inputs, targets) pairs."
+    )
+
+
+def _check_data(data: Any) -> Iterable:
+    if data is None or not hasattr(data, "__iter__"):
+        raise type_error("data", "a re-iterable of (X, y) batches (list, DataLoader)", data)
+    if iter(data) is data:
+        raise type_error(
+            "data",
+            "a re-iterable of (X, y) batches (list, DataLoader)",
+            data,
+            "Iterators and generators can be read only once; wrap them in list(...).",
+        )
+    return data
+
+
+def _check_callable_or_none(fn: Any, argument: str) -> Any:
+    if fn is not None and not callable(fn):
+        raise type_error(argument, "a callable or None", fn)
+    return fn
+
+
+def _check_positive_int(value: Any, argument: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise type_error(argument, "a positive int", value)
+    if value <= 0:
+        raise value_error(argument, "a positive int", str(value))
+    return int(value)

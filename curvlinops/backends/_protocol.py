@@ -1,0 +1,126 @@
+"""The backend protocol: everything the operators need from a framework.
+
+Hessian, GGN and Jacobian are written once against this protocol; the
+framework-specific code lives in ``_torch.py`` and ``_jax.py``. A backend
+object is bound to one set of parameters (their structure, dtype and device).
+
+Conventions
+-----------
+* ``primals`` is the parameters in the backend's own structure (a tuple of
+  tensors for PyTorch, the user's pytree for JAX).
+* A *flat* vector has the ``P`` parameter entries concatenated in the order
+  of :attr:`Backend.param_names`, each entry flattened row-major.
+* Arrays called *native* belong to the backend's framework, on its device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+__all__ = ["Backend"]
+
+
+class Backend(Protocol):
+    """What a framework provides to the operators."""
+
+    name: str
+    """``"torch"`` or ``"jax"``."""
+
+    xp: Any
+    """Array-API namespace used by the loss formulas."""
+
+    dtype: np.dtype
+    """The parameters' dtype, as a numpy dtype."""
+
+    device: Any
+    """The device the parameters live on (computation runs there)."""
+
+    primals: Any
+    """The parameters in the backend's structure (see module docstring)."""
+
+    param_names: Sequence[str]
+    """One name per parameter, in flattening order."""
+
+    param_shapes: Sequence[tuple[int, ...]]
+    """The parameters' shapes, in flattening order."""
+
+    model_fn: Callable[[Any, Any], Any]
+    """The user's model as a pure function ``(primals, X) -> outputs``."""
+
+    # --- set-up -----------------------------------------------------------
+    def loss(self, loss_func: Any) -> Any:
+        """A loss descriptor (see :mod:`curvlinops.losses`) for ``loss_func``."""
+
+    def import_batch(self, batch: Any, index: int) -> Any:
+        """Inputs or targets of one batch as native arrays (structure kept)."""
+
+    def batch_size(self, X: Any) -> int:
+        """Leading dimension of ``X`` (a native array)."""
+
+    # --- arrays -----------------------------------------------------------
+    def owns(self, x: Any) -> bool:
+        """Whether ``x`` is an array of this backend's framework."""
+
+    def import_array(self, x: Any, argument: str) -> tuple[Any, bool]:
+        """Convert a caller's array to a native array of the operator's dtype.
+
+        Returns the array and whether it shares memory with ``x``.
+        """
+
+    def export_array(self, y: Any, like: Any) -> Any:
+        """Convert a native result to the library, device and dtype of ``like``."""
+
+    def tree_flatten(self, tree: Any) -> tuple[list[Any], Callable[[list[Any]], Any]]:
+        """Leaves of a (list, tuple, dict or framework pytree) structure, and a rebuild function."""
+
+    def flatten(self, tree: Any) -> Any:
+        """Parameter-shaped tree -> flat vector ``(P,)``."""
+
+    def unflatten(self, vector: Any) -> Any:
+        """Flat vector ``(P,)`` -> parameter-shaped tree (like :attr:`primals`)."""
+
+    def zeros(self, shape: tuple[int, ...]) -> Any:
+        """Native zeros of the operator's dtype and device."""
+
+    def eye(self, n: int) -> Any:
+        """Native identity matrix of the operator's dtype and device."""
+
+    def concat(self, arrays: Sequence[Any], axis: int = 0) -> Any:
+        """Concatenate native arrays."""
+
+    def block_until_ready(self, y: Any) -> Any:
+        """Wait until ``y`` is computed (JAX dispatches asynchronously)."""
+
+    def is_concrete(self, y: Any) -> bool:
+        """False while ``y`` is being traced (then no host values can be read)."""
+
+    def all_finite(self, y: Any) -> bool:
+        """Whether a concrete native array holds no NaN or inf."""
+
+    def equal(self, a: Any, b: Any) -> bool:
+        """Whether two native arrays (or structures of arrays) are identical."""
+
+    def random_normal(self, shape: tuple[int, ...], seed: int) -> Any:
+        """Seeded standard-normal native array."""
+
+    def random_rademacher(self, shape: tuple[int, ...], seed: int) -> Any:
+        """Seeded ±1 native array."""
+
+    # --- autodiff ---------------------------------------------------------
+    def jvp(self, f: Callable, primals: tuple, tangents: tuple) -> tuple[Any, Any]:
+        """Forward mode: ``(f(*primals), J tangents)``."""
+
+    def vjp(self, f: Callable, *primals: Any) -> tuple[Any, Callable]:
+        """Reverse mode: ``(f(*primals), u -> Jᵀ u)``."""
+
+    def hvp_fn(self, f: Callable, primal: Any) -> Callable[[Any], Any]:
+        """``v -> ∇²f(primal) v`` for scalar ``f``; the mode is the backend's choice."""
+
+    def vmap(self, f: Callable, in_axes: Any = 0, out_axes: Any = 0) -> Callable:
+        """Vectorise ``f`` over an axis of its arguments."""
+
+    def compile(self, f: Callable) -> Callable:
+        """Compile ``f`` (``jax.jit``; identity for PyTorch)."""

@@ -1,0 +1,306 @@
+"""PyTorch backend, built on ``torch.func``.
+
+Parameters are flattened in the order the user gave them: the order of the
+list (``list(model.parameters())`` style) or the insertion order of the dict.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import array_api_compat.torch as xp_torch
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call, grad, jvp, vjp, vmap
+
+from curvlinops import losses
+from curvlinops._checks import describe, type_error, value_error
+from curvlinops.backends._arrays import library_of, map_structure
+
+__all__ = ["TorchBackend"]
+
+
+class TorchBackend:
+    """Backend for PyTorch models, parameters and arrays."""
+
+    name = "torch"
+    xp = xp_torch
+
+    def __init__(self, model_func: Any, params: Any) -> None:
+        names, tensors = _named_tensors(model_func, params)
+        _check_uniform(names, tensors)
+        self.param_names: list[str] = names
+        self.param_shapes: list[tuple[int, ...]] = [tuple(t.shape) for t in tensors]
+        self.primals: tuple[torch.Tensor, ...] = tuple(t.detach() for t in tensors)
+        self.torch_dtype = tensors[0].dtype
+        self.dtype = np.dtype(str(self.torch_dtype).removeprefix("torch."))
+        self.device = tensors[0].device
+        self._sizes = [t.numel() for t in tensors]
+        self.model_fn = _functional_model(model_func, params, names)
+
+    # --- set-up -----------------------------------------------------------
+    def loss(self, loss_func: Any) -> Any:
+        return losses.as_loss(_translate_torch_loss(loss_func))
+
+    def import_batch(self, batch: Any, index: int) -> Any:
+        def convert(leaf: Any) -> Any:
+            if isinstance(leaf, torch.Tensor):
+                return leaf.to(self.device)
+            if library_of(leaf) in ("numpy", "jax", "cupy"):
+                return torch.as_tensor(np.asarray(leaf), device=self.device)
+            raise type_error(f"data batch {index}", "arrays (torch, numpy or jax)", leaf)
+
+        return map_structure(convert, batch)
+
+    def batch_size(self, X: Any) -> int:
+        return int(X.shape[0])
+
+    # --- arrays -----------------------------------------------------------
+    def owns(self, x: Any) -> bool:
+        return isinstance(x, torch.Tensor)
+
+    def import_array(self, x: Any, argument: str) -> tuple[torch.Tensor, bool]:
+        if isinstance(x, torch.Tensor):
+            tensor, shared = x.detach(), True
+        elif isinstance(x, np.ndarray):
+            tensor, shared = _from_numpy(x)
+        elif hasattr(x, "__dlpack__"):
+            try:
+                tensor, shared = torch.from_dlpack(x), True
+            except (BufferError, RuntimeError, TypeError):
+                tensor, shared = _from_numpy(np.asarray(x))
+        else:
+            raise type_error(argument, "an array (numpy, torch, jax or DLPack-capable)", x)
+        if tensor.device != self.device:
+            if tensor.device.type != "cpu":
+                raise value_error(
+                    argument,
+                    f"an array on the parameters' device {self.device}",
+                    f"an array on {tensor.device}",
+                    f"Move it first, e.g. x.to('{self.device}').",
+                )
+            tensor, shared = tensor.to(self.device), False
+        if tensor.is_complex():
+            raise type_error(argument, "a real array", x)
+        if tensor.dtype != self.torch_dtype:
+            tensor, shared = tensor.to(self.torch_dtype), False
+        return tensor, shared
+
+    def to_numpy(self, y: torch.Tensor) -> np.ndarray:
+        return y.detach().cpu().numpy()
+
+    def tree_flatten(self, tree: Any) -> tuple[list[Any], Callable[[list[Any]], Any]]:
+        return _flatten_structure(tree)
+
+    def flatten(self, tree: Sequence[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([t.reshape(-1) for t in tree])
+
+    def unflatten(self, vector: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        pieces = torch.split(vector, self._sizes)
+        return tuple(p.reshape(s) for p, s in zip(pieces, self.param_shapes))
+
+    def zeros(self, shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.zeros(shape, dtype=self.torch_dtype, device=self.device)
+
+    def eye(self, n: int) -> torch.Tensor:
+        return torch.eye(n, dtype=self.torch_dtype, device=self.device)
+
+    def concat(self, arrays: Sequence[torch.Tensor], axis: int = 0) -> torch.Tensor:
+        return torch.cat(list(arrays), dim=axis)
+
+    def block_until_ready(self, y: torch.Tensor) -> torch.Tensor:
+        return y
+
+    def is_concrete(self, y: Any) -> bool:
+        return True
+
+    def all_finite(self, y: torch.Tensor) -> bool:
+        return bool(torch.isfinite(y).all())
+
+    def equal(self, a: Any, b: Any) -> bool:
+        leaves_a, _ = _flatten_structure(a)
+        leaves_b, _ = _flatten_structure(b)
+        return len(leaves_a) == len(leaves_b) and all(
+            _leaf_equal(x, y) for x, y in zip(leaves_a, leaves_b)
+        )
+
+    def random_normal(self, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        return torch.randn(shape, generator=gen, dtype=self.torch_dtype, device=self.device)
+
+    def random_rademacher(self, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        bits = torch.randint(0, 2, shape, generator=gen, device=self.device)
+        return (2 * bits - 1).to(self.torch_dtype)
+
+    # --- autodiff ---------------------------------------------------------
+    def jvp(self, f: Callable, primals: tuple, tangents: tuple) -> tuple[Any, Any]:
+        return jvp(f, primals, tangents)
+
+    def vjp(self, f: Callable, *primals: Any) -> tuple[Any, Callable]:
+        out, pullback = vjp(f, *primals)
+        return out, (lambda u: pullback(u)[0]) if len(primals) == 1 else pullback
+
+    def hvp_fn(self, f: Callable, primal: Any) -> Callable[[Any], Any]:
+        # Reverse-over-reverse: on CPU it beat forward-over-reverse
+        # (benchmarks/README.md has the measurement).
+        _, pullback = vjp(grad(f), primal)
+        return lambda v: pullback(v)[0]
+
+    def vmap(self, f: Callable, in_axes: Any = 0, out_axes: Any = 0) -> Callable:
+        return vmap(f, in_dims=in_axes, out_dims=out_axes)
+
+    def compile(self, f: Callable) -> Callable:
+        return f
+
+
+# --- helpers ---------------------------------------------------------------
+def _from_numpy(array: np.ndarray) -> tuple[torch.Tensor, bool]:
+    if array.dtype.kind not in "fiub":
+        raise type_error("x", "a real numeric array", array)
+    try:
+        return torch.from_dlpack(array), True
+    except (BufferError, RuntimeError, TypeError):
+        # negative strides or read-only memory that DLPack cannot describe
+        return torch.from_numpy(np.array(array)), False
+
+
+def _leaf_equal(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b))
+    return type(a) is type(b) and bool(np.all(a == b))
+
+
+def _flatten_structure(tree: Any) -> tuple[list[Any], Callable[[list[Any]], Any]]:
+    """Leaves of nested lists, tuples and dicts, and a function that rebuilds them."""
+    if isinstance(tree, dict):
+        keys = list(tree)
+        parts = [_flatten_structure(tree[k]) for k in keys]
+        return _join_parts(parts, lambda children: type(tree)(zip(keys, children)))
+    if isinstance(tree, (list, tuple)):
+        parts = [_flatten_structure(v) for v in tree]
+        return _join_parts(parts, type(tree))
+    return [tree], lambda leaves: leaves[0]
+
+
+def _join_parts(parts: list, build: Callable) -> tuple[list[Any], Callable]:
+    counts = [len(leaves) for leaves, _ in parts]
+    leaves = [leaf for part, _ in parts for leaf in part]
+
+    def rebuild(new_leaves: list[Any]) -> Any:
+        children, start = [], 0
+        for (_, sub_rebuild), n in zip(parts, counts):
+            children.append(sub_rebuild(new_leaves[start : start + n]))
+            start += n
+        return build(children)
+
+    return leaves, rebuild
+
+
+def _named_tensors(model_func: Any, params: Any) -> tuple[list[str], list[torch.Tensor]]:
+    """Names and tensors of ``params``; for modules, names as in ``named_parameters``."""
+    if isinstance(params, dict):
+        names, tensors = list(params), list(params.values())
+        if isinstance(model_func, nn.Module):
+            known = dict(model_func.named_parameters()) | dict(model_func.named_buffers())
+            unknown = [n for n in names if n not in known]
+            if unknown:
+                raise value_error(
+                    "params",
+                    "names of model_func's parameters (as in model.named_parameters())",
+                    f"unknown names {unknown}",
+                )
+    elif isinstance(params, (list, tuple)):
+        tensors = list(params)
+        names = _names_in_module(model_func, tensors)
+    else:
+        raise type_error(
+            "params",
+            "a list of the model's parameters or a dict name -> tensor",
+            params,
+            "Pass e.g. list(model.parameters()) or dict(model.named_parameters()).",
+        )
+    if not tensors:
+        raise value_error("params", "at least one parameter", "an empty collection")
+    for name, t in zip(names, tensors):
+        if not isinstance(t, torch.Tensor):
+            raise type_error(f"params[{name!r}]", "a torch.Tensor", t)
+    return names, tensors
+
+
+def _names_in_module(model_func: Any, tensors: list) -> list[str]:
+    if not isinstance(model_func, nn.Module):
+        return [f"param_{i}" for i in range(len(tensors))]
+    by_id = {id(p): name for name, p in model_func.named_parameters()}
+    names = []
+    for i, t in enumerate(tensors):
+        if id(t) not in by_id:
+            raise value_error(
+                "params",
+                "parameters of model_func",
+                f"params[{i}] ({describe(t)}), which is not one of them",
+                "Pass tensors from model.parameters() of the same model, or a dict "
+                "name -> tensor (then any tensors of the right shapes are used).",
+            )
+        names.append(by_id[id(t)])
+    if len(set(names)) != len(names):
+        raise value_error("params", "each parameter once", "a parameter listed twice")
+    return names
+
+
+def _check_uniform(names: list[str], tensors: list[torch.Tensor]) -> None:
+    first = tensors[0]
+    for name, t in zip(names, tensors):
+        if not t.is_floating_point():
+            raise type_error(f"params[{name!r}]", "a floating-point tensor", t)
+        if t.dtype != first.dtype:
+            raise value_error(
+                "params",
+                f"one dtype for all parameters ({first.dtype})",
+                f"{t.dtype} for {name!r}",
+                "Cast the model, e.g. model.double().",
+            )
+        if t.device != first.device:
+            raise value_error(
+                "params",
+                f"one device for all parameters ({first.device})",
+                f"{t.device} for {name!r}",
+                "Move the model with model.to(device).",
+            )
+
+
+def _functional_model(model_func: Any, params: Any, names: list[str]) -> Callable:
+    if isinstance(model_func, nn.Module):
+        module = model_func
+
+        def module_fn(primals: tuple, X: Any) -> Any:
+            return functional_call(module, dict(zip(names, primals)), (X,))
+
+        return module_fn
+    if not callable(model_func):
+        raise type_error(
+            "model_func", "a torch.nn.Module or a callable (params, X) -> outputs", model_func
+        )
+    if isinstance(params, dict):
+        return lambda primals, X: model_func(dict(zip(names, primals)), X)
+    return lambda primals, X: model_func(list(primals), X)
+
+
+def _translate_torch_loss(loss_func: Any) -> Any:
+    """Map PyTorch's standard loss modules to descriptors with closed forms."""
+    if isinstance(loss_func, nn.MSELoss):
+        return losses.MSELoss(losses.check_reduction(loss_func.reduction, "loss_func.reduction"))
+    if isinstance(loss_func, nn.BCEWithLogitsLoss) and (
+        loss_func.weight is None and loss_func.pos_weight is None
+    ):
+        return losses.BCEWithLogitsLoss(
+            losses.check_reduction(loss_func.reduction, "loss_func.reduction")
+        )
+    if isinstance(loss_func, nn.CrossEntropyLoss) and (
+        loss_func.weight is None and loss_func.label_smoothing == 0.0
+    ):
+        reduction = losses.check_reduction(loss_func.reduction, "loss_func.reduction")
+        return losses.CrossEntropyLoss(reduction, class_axis=1)
+    return loss_func

@@ -1,0 +1,70 @@
+"""Hessian of the empirical risk."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from curvlinops._curvature import CurvatureOperator
+
+__all__ = ["HessianLinearOperator"]
+
+
+class HessianLinearOperator(CurvatureOperator):
+    r"""Hessian of the loss over a data set, as a matrix-free operator.
+
+    .. math::
+        H = \sum_{b} w_b \, \nabla^2_{\theta} \ell\big(f(\theta, X_b), y_b\big)
+        \in \mathbb{R}^{P \times P},
+
+    with :math:`w_b = N_b / N` for ``reduction="mean"`` (the loss averaged over
+    all ``N`` data points) and :math:`w_b = 1` for ``"sum"``. Products are
+    Hessian-vector products (no :math:`P \times P` matrix is formed); ``K``
+    columns go through one vectorised pass.
+
+    Args:
+        model_func: PyTorch: an ``nn.Module`` or a callable ``(params, X)``;
+            JAX: a callable ``(params, X) -> outputs``.
+        loss_func: ``curvlinops.losses.*``, a PyTorch loss module, or a
+            callable ``(outputs, targets) -> scalar`` with a ``reduction``.
+        params: PyTorch: list of the model's parameters or dict name -> tensor;
+            JAX: any pytree of arrays.
+        data: A re-iterable of ``(X, y)`` batches.
+        progressbar: Show a progress bar over batches.
+        check_deterministic: Check at construction that data and model give
+            the same results on two passes.
+        num_data: Number of data points (counted when ``None``).
+        batch_size_fn: ``X -> batch size`` when ``X`` is not an array.
+        backend: ``"torch"``, ``"jax"``, or ``None`` to read it off ``params``.
+        columns_per_pass: Columns per vectorised pass in ``matmat``.
+
+    Example:
+        >>> import numpy as np, torch
+        >>> from curvlinops import HessianLinearOperator
+        >>> model = torch.nn.Linear(3, 1).double()
+        >>> X, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64)
+        >>> loss_func, params = torch.nn.MSELoss(), list(model.parameters())
+        >>> H = HessianLinearOperator(model, loss_func, params, [(X, y)])
+        >>> H.shape
+        (4, 4)
+        >>> bool(np.allclose(H @ np.eye(4), (H @ np.eye(4)).T))
+        True
+    """
+
+    is_symmetric = True
+    _params_in = _params_out = True
+
+    def __init__(self, model_func: Any, loss_func: Any, params: Any, data: Any, **options: Any):
+        super().__init__(model_func, loss_func, params, data, **options)
+
+    def _batch_matmat(self, primals: Any, X: Any, y: Any, V: Any, weight: Any) -> Any:
+        b, loss, model = self.backend, self._loss, self.backend.model_fn
+
+        def batch_loss(p: Any) -> Any:
+            return loss.value(b, model(p, X), y)
+
+        hvp = b.hvp_fn(batch_loss, primals)
+
+        def column(v: Any) -> Any:
+            return b.flatten(hvp(b.unflatten(v)))
+
+        return weight * b.vmap(column, in_axes=1, out_axes=1)(V)
