@@ -21,9 +21,10 @@ import numpy as np
 from scipy.sparse.linalg import LinearOperator as ScipyLinearOperator
 from scipy.sparse.linalg import aslinearoperator
 
+from curvlinops import _blas_guard
 from curvlinops._checks import shape_error, type_error, value_error
 from curvlinops.backends import Backend
-from curvlinops.backends._arrays import export_like, is_array, library_of
+from curvlinops.backends._arrays import export_like, is_array, library_of, to_device_of
 
 __all__ = ["IdentityLinearOperator", "LinearOperator"]
 
@@ -183,14 +184,17 @@ class LinearOperator(ScipyLinearOperator):
             Y = self._native(x if x.ndim == 2 else x[:, None], adjoint)
             return _cast(Y if x.ndim == 2 else Y[:, 0], out_dtype)
         X, shared = b.import_array(x, argument)
+        if library_of(x) == "numpy" and _blas_guard.on_cpu(b):
+            _blas_guard.hold()  # a scipy solver drives us: its BLAS threads off our cores
         Y = self._native(X if X.ndim == 2 else X[:, None], adjoint)
         Y = Y if x.ndim == 2 else Y[:, 0]
         self._check_finite(Y)
-        if b.owns(x):
-            return _cast(Y, out_dtype)
         if shared:
             # x's memory is read by the backend: finish before the caller may change it
             Y = b.block_until_ready(Y)
+        if b.owns(x):
+            # back on the caller's device (e.g. a CPU tensor for a CUDA model)
+            return _cast(to_device_of(Y, x) if b.is_concrete(Y) else Y, out_dtype)
         return export_like(Y, x, out_dtype, b.to_numpy)
 
     def _apply_structure(
@@ -423,7 +427,10 @@ def _common_backend(*ops: LinearOperator) -> Backend | None:
 
 
 def _is_scalar(x: Any) -> bool:
-    return np.isscalar(x) or (isinstance(x, np.ndarray) and x.ndim == 0)
+    # numbers only: np.isscalar is also true for strings and bytes
+    return isinstance(x, numbers.Number) or (
+        isinstance(x, np.ndarray) and x.ndim == 0 and x.dtype.kind in "biufc"
+    )
 
 
 def _is_structure(x: Any) -> bool:
@@ -480,14 +487,39 @@ def _numpy_dtype(x: Any) -> np.dtype:
     try:
         return np.dtype(dtype)
     except TypeError:
-        return np.dtype(str(dtype).rsplit(".", 1)[-1])
+        name = str(dtype).rsplit(".", 1)[-1]
+        if name == "bfloat16":
+            return _bfloat16()
+        return np.dtype(name)
+
+
+def _bfloat16() -> np.dtype:
+    """The bfloat16 dtype of ``ml_dtypes`` (installed with JAX); float32 without it."""
+    try:
+        import ml_dtypes
+    except ImportError:
+        return np.dtype(np.float32)
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def _is_float(dtype: np.dtype) -> bool:
+    return dtype.kind == "f" or dtype.name == "bfloat16"
 
 
 def _result_dtype(op_dtype: np.dtype, x: Any) -> np.dtype:
-    x_dtype = _numpy_dtype(x)
-    if x_dtype.kind != "f":
-        return np.dtype(op_dtype)
-    return np.result_type(op_dtype, x_dtype)
+    """The dtype of a product: the wider of the operator's and ``x``'s float dtypes.
+
+    Integer inputs give the operator's dtype (float32 for bfloat16 operators,
+    as numpy and array-api-strict have no bfloat16); bfloat16 with float16
+    gives float32.
+    """
+    op_dtype, x_dtype = np.dtype(op_dtype), _numpy_dtype(x)
+    if not _is_float(x_dtype):
+        return op_dtype if op_dtype.kind == "f" else np.dtype(np.float32)
+    try:
+        return np.result_type(op_dtype, x_dtype)
+    except TypeError:  # numpy.exceptions.DTypePromotionError: bfloat16 and float16
+        return np.dtype(np.float32)
 
 
 def _cast(y: Any, dtype: np.dtype) -> Any:

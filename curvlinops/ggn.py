@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from curvlinops._curvature import CurvatureOperator
+from curvlinops._checks import value_error
+from curvlinops._curvature import CurvatureOperator, map_columns
 
 __all__ = ["GGNLinearOperator"]
 
@@ -26,8 +27,13 @@ class GGNLinearOperator(CurvatureOperator):
     Args:
         model_func, loss_func, params, data: As for
             :class:`~curvlinops.HessianLinearOperator`.
+        mc_samples: ``None`` (default) for the exact GGN; an int ``k`` for its
+            Monte-Carlo estimate with ``k`` sampled targets per term, returned
+            as a :class:`~curvlinops.fisher.FisherMCLinearOperator` (which
+            also takes ``seed``).
         **options: ``progressbar``, ``check_deterministic``, ``num_data``,
-            ``batch_size_fn``, ``backend``, ``columns_per_pass``.
+            ``batch_size_fn``, ``backend``, ``columns_per_pass``,
+            ``process_group``, ``sharding``.
 
     Example:
         >>> import numpy as np, torch
@@ -43,8 +49,49 @@ class GGNLinearOperator(CurvatureOperator):
     is_symmetric = True
     _params_in = _params_out = True
 
-    def __init__(self, model_func: Any, loss_func: Any, params: Any, data: Any, **options: Any):
+    def __new__(cls, *args: Any, mc_samples: int | None = None, **options: Any) -> Any:
+        if mc_samples is None or cls is not GGNLinearOperator:
+            return super().__new__(cls)
+        from curvlinops.fisher import FisherMCLinearOperator
+
+        return FisherMCLinearOperator(*args, mc_samples=mc_samples, **options)
+
+    def __init__(
+        self,
+        model_func: Any,
+        loss_func: Any,
+        params: Any,
+        data: Any,
+        *,
+        mc_samples: int | None = None,
+        **options: Any,
+    ):
+        if mc_samples is not None:  # only reached by subclasses (see __new__)
+            raise value_error(
+                "mc_samples",
+                f"None for {type(self).__name__}",
+                repr(mc_samples),
+                "Use FisherMCLinearOperator for the Monte-Carlo estimate.",
+            )
+        if "seed" in options:
+            raise value_error(
+                "seed", "no seed for the exact GGN", "a seed", "Pass mc_samples=k to sample."
+            )
         super().__init__(model_func, loss_func, params, data, **options)
+
+    def diagonal(self) -> Any:
+        """The exact diagonal, without forming the matrix.
+
+        One VJP per example and model output, vectorised (see
+        :class:`~curvlinops.diagonal.GGNDiagonalLinearOperator`); needs MSE,
+        cross-entropy or BCE-with-logits.
+
+        Returns:
+            A ``(P,)`` array of the backend's type.
+        """
+        from curvlinops.diagonal import exact_ggn_diagonal
+
+        return exact_ggn_diagonal(self)
 
     def _batch_matmat(self, primals: Any, X: Any, y: Any, V: Any, weight: Any) -> Any:
         b, loss, model = self.backend, self._loss, self.backend.model_fn
@@ -52,10 +99,13 @@ class GGNLinearOperator(CurvatureOperator):
         def outputs(p: Any) -> Any:
             return model(p, X)
 
-        z, pullback = b.vjp(outputs, primals)
-
         def column(v: Any) -> Any:
-            _, Jv = b.jvp(outputs, (primals,), (b.unflatten(v),))
+            # Forward mode inside reverse mode: one forward pass gives z and J v
+            # (measured 1.9x a gradient in PyTorch, against 2.4x for a JVP and a VJP).
+            def outputs_and_jvp(p: Any) -> tuple[Any, Any]:
+                return b.jvp(outputs, (p,), (b.unflatten(v),))
+
+            z, pullback, Jv = b.vjp(outputs_and_jvp, primals, has_aux=True)
             return b.flatten(pullback(loss.output_hessian_vp(b, z, y, Jv)))
 
-        return weight * b.vmap(column, in_axes=1, out_axes=1)(V)
+        return weight * map_columns(b, column, V)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from curvlinops._curvature import CurvatureOperator
+from curvlinops._curvature import CurvatureOperator, map_columns
 
 __all__ = ["HessianLinearOperator"]
 
@@ -32,10 +32,19 @@ class HessianLinearOperator(CurvatureOperator):
         progressbar: Show a progress bar over batches.
         check_deterministic: Check at construction that data and model give
             the same results on two passes.
-        num_data: Number of data points (counted when ``None``).
+        num_data: Number of data points (counted when ``None``); with data
+            spread over processes, the total over all of them.
         batch_size_fn: ``X -> batch size`` when ``X`` is not an array.
         backend: ``"torch"``, ``"jax"``, or ``None`` to read it off ``params``.
         columns_per_pass: Columns per vectorised pass in ``matmat``.
+        process_group: PyTorch data parallelism: ``data`` is this process's
+            shard and products are those of all processes' data, summed with
+            ``all_reduce``. ``None``: the default group when
+            ``torch.distributed`` is initialised, else this process alone;
+            ``"local"``: this process's data only; or a ``ProcessGroup``.
+        sharding: JAX data parallelism: a ``NamedSharding`` whose spec
+            splits axis 0 of every batch over a device mesh, e.g.
+            ``NamedSharding(mesh, PartitionSpec("batch"))``.
 
     Example:
         >>> import numpy as np, torch
@@ -67,4 +76,4 @@ class HessianLinearOperator(CurvatureOperator):
         def column(v: Any) -> Any:
             return b.flatten(hvp(b.unflatten(v)))
 
-        return weight * b.vmap(column, in_axes=1, out_axes=1)(V)
+        return weight * map_columns(b, column, V)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from curvlinops._base import LinearOperator
-from curvlinops._curvature import CurvatureOperator
+from curvlinops._curvature import CurvatureOperator, map_columns
 
 __all__ = ["JacobianLinearOperator", "TransposedJacobianLinearOperator"]
 
@@ -23,10 +23,17 @@ class JacobianLinearOperator(CurvatureOperator):
     JVP per batch; ``J.T @ u`` (:meth:`rmatvec`) a VJP per batch. There is no
     normalisation by ``N``. The targets ``y`` of the data are not used.
 
+    With ``process_group`` (``torch.distributed``), each process has the rows
+    of its own data: the shape is (this process's rows) x ``P``, ``J @ v``
+    returns them, and ``J.T @ u`` takes them and sums over processes (the
+    rows of all processes, stacked in rank order, form the full :math:`J`).
+    With ``sharding`` (JAX), rows are those of all the data, as in one device.
+
     Args:
         model_func, params, data: As for :class:`~curvlinops.HessianLinearOperator`.
         **options: ``progressbar``, ``check_deterministic``, ``num_data``,
-            ``batch_size_fn``, ``backend``, ``columns_per_pass``.
+            ``batch_size_fn``, ``backend``, ``columns_per_pass``,
+            ``process_group``, ``sharding``.
 
     Example:
         >>> import torch
@@ -53,7 +60,8 @@ class JacobianLinearOperator(CurvatureOperator):
                 self._compiled_matmat(primals, X, y, V, 1.0)
                 for _, X, y, _ in self._batches("JacobianLinearOperator product")
             ]
-            return b.concat(blocks, axis=0)
+            # A process with an empty data shard has no rows.
+            return b.concat(blocks, axis=0) if blocks else b.zeros((0, V.shape[1]))
         result, start = None, 0
         for (_, X, y, _), rows in zip(
             self._batches("TransposedJacobianLinearOperator product"), self._output_sizes
@@ -70,7 +78,7 @@ class JacobianLinearOperator(CurvatureOperator):
             _, Jv = b.jvp(lambda p: model(p, X), (primals,), (b.unflatten(v),))
             return b.xp.reshape(Jv, (-1,))
 
-        return b.vmap(column, in_axes=1, out_axes=1)(V)
+        return map_columns(b, column, V)
 
     def _batch_rmatmat(self, primals: Any, X: Any, y: Any, U: Any, weight: Any) -> Any:
         b, model = self.backend, self.backend.model_fn
@@ -79,7 +87,7 @@ class JacobianLinearOperator(CurvatureOperator):
         def column(u: Any) -> Any:
             return b.flatten(pullback(b.xp.reshape(u, z.shape)))
 
-        return b.vmap(column, in_axes=1, out_axes=1)(U)
+        return map_columns(b, column, U)
 
 
 class TransposedJacobianLinearOperator(LinearOperator):

@@ -13,6 +13,7 @@ cross-entropy), ``"sum"`` adds them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -58,6 +59,66 @@ class _StandardLoss:
     def _scale(self, outputs: Any) -> float:
         return 1.0 / self._num_terms(outputs) if self.reduction == "mean" else 1.0
 
+    # --- loss terms, their gradients, and sampling (empirical / Monte-Carlo Fisher) ---
+    # A *term* is the part of the loss that one target random variable contributes:
+    # a row of the last axis for MSE and BCE, a position's class vector for
+    # cross-entropy (the convention of curvlinops-for-pytorch).
+    def normalization(self, outputs: Any) -> float:
+        """The factor of the un-normalised terms in the batch loss (1/R or 1)."""
+        return self._scale(outputs)
+
+    def _term_axis(self, ndim: int) -> int | None:
+        """Axis, counted from the end, along which one term's entries lie."""
+        return -1 if ndim >= 2 else None
+
+    def term_sum(self, b: Any, a: Any, outputs: Any) -> Any:
+        """Sum ``a`` (shape ``(..., *outputs.shape)``) over each term's entries, keepdims."""
+        axis = self._term_axis(outputs.ndim)
+        return a if axis is None else b.xp.sum(a, axis=axis, keepdims=True)
+
+    def output_gradient(self, b: Any, outputs: Any, targets: Any) -> Any:
+        """Gradient of each un-normalised term with respect to the outputs (outputs' shape)."""
+        return self._gradient(b, outputs, targets)
+
+    def sample_noise(self, b: Any, shape: tuple[int, ...], num_samples: int, seed: int) -> Any:
+        """The random numbers behind :meth:`sample_targets`, shape ``(k, *shape)``."""
+        return b.random_uniform((num_samples, *shape), seed)
+
+    def sampled_gradient(self, b: Any, outputs: Any, noise: Any) -> Any:
+        """:meth:`output_gradient` at targets drawn from the model, ``(k, *outputs.shape)``.
+
+        Its second moment is the output Hessian of the un-normalised terms.
+        """
+        return self._gradient(b, outputs, self.sample_targets(b, outputs, noise))
+
+    def terms_per_example(self, shape: tuple[int, ...]) -> int:
+        """How many terms an example has, for outputs of ``shape``."""
+        axis = self._term_axis(len(shape))
+        per_example = math.prod(shape[1:])
+        return per_example if axis is None else per_example // shape[axis]
+
+    def term_masks(self, b: Any, outputs: Any) -> Any:
+        """Indicators ``(U, 1, *outputs.shape[1:])`` of each of an example's ``U`` terms.
+
+        ``None`` when every example is one term (e.g. outputs of shape ``(N, C)``).
+        """
+        axis = self._term_axis(outputs.ndim)
+        shape = list(outputs.shape[1:])
+        if axis is not None:
+            shape[axis] = 1
+        num_terms = math.prod(shape)
+        if num_terms == 1:
+            return None
+        return b.xp.reshape(b.eye(num_terms), (num_terms, 1, *shape))
+
+    def hessian_sqrt_columns(self, b: Any, outputs: Any, targets: Any) -> Any:
+        """Columns ``S`` with ``Σ_j S[j]_n S[j]_nᵀ`` = example ``n``'s output Hessian.
+
+        Shape ``(m, *outputs.shape)`` with ``m`` the number of outputs per example;
+        un-normalised (multiply by :meth:`normalization`).
+        """
+        return self._hessian_sqrt(b, outputs, _unit_columns(b, outputs))
+
 
 @dataclass(frozen=True)
 class MSELoss(_StandardLoss):
@@ -74,6 +135,19 @@ class MSELoss(_StandardLoss):
 
     def output_hessian_vp(self, b: Any, outputs: Any, targets: Any, u: Any) -> Any:
         return (2.0 * self._scale(outputs)) * u
+
+    def _gradient(self, b: Any, outputs: Any, targets: Any) -> Any:
+        return 2.0 * (outputs - targets)
+
+    def sample_noise(self, b: Any, shape: tuple[int, ...], num_samples: int, seed: int) -> Any:
+        return b.random_normal((num_samples, *shape), seed)
+
+    def sample_targets(self, b: Any, outputs: Any, noise: Any) -> Any:
+        """Targets from ``N(z, I/2)``, the distribution whose negative log is the loss."""
+        return outputs + math.sqrt(0.5) * noise
+
+    def _hessian_sqrt(self, b: Any, outputs: Any, E: Any) -> Any:
+        return math.sqrt(2.0) * E * b.xp.ones_like(outputs)
 
 
 @dataclass(frozen=True)
@@ -123,6 +197,29 @@ class CrossEntropyLoss(_StandardLoss):
         pu = xp.sum(probs * u, axis=self.class_axis, keepdims=True)
         return self._scale(outputs) * (probs * u - probs * pu)
 
+    def _term_axis(self, ndim: int) -> int | None:
+        return self.class_axis % ndim - ndim
+
+    def _gradient(self, b: Any, outputs: Any, targets: Any) -> Any:
+        return b.xp.exp(self._log_probs(b, outputs)) - targets
+
+    def output_gradient(self, b: Any, outputs: Any, targets: Any) -> Any:
+        return self._gradient(b, outputs, self._target_probs(b, outputs, targets))
+
+    def sample_targets(self, b: Any, outputs: Any, noise: Any) -> Any:
+        """One-hot classes drawn from ``softmax(z)`` (Gumbel-max with uniform ``noise``)."""
+        xp = b.xp
+        axis = self._term_axis(outputs.ndim)
+        perturbed = self._log_probs(b, outputs) - xp.log(-xp.log(noise))
+        top = xp.max(perturbed, axis=axis, keepdims=True)
+        return xp.astype(perturbed == top, outputs.dtype)
+
+    def _hessian_sqrt(self, b: Any, outputs: Any, E: Any) -> Any:
+        # per position: diag(p) - p pᵀ = Σ_c s_c s_cᵀ with s_c = √p_c (e_c - p)
+        probs = b.xp.exp(self._log_probs(b, outputs))
+        p_j = self.term_sum(b, probs * E, outputs)
+        return b.xp.sqrt(p_j) * (E - probs * self.term_sum(b, E, outputs))
+
 
 @dataclass(frozen=True)
 class BCEWithLogitsLoss(_StandardLoss):
@@ -144,6 +241,18 @@ class BCEWithLogitsLoss(_StandardLoss):
         xp = b.xp
         sig = 1.0 / (1.0 + xp.exp(-outputs))
         return self._scale(outputs) * (sig * (1.0 - sig)) * u
+
+    def _gradient(self, b: Any, outputs: Any, targets: Any) -> Any:
+        return 1.0 / (1.0 + b.xp.exp(-outputs)) - targets
+
+    def sample_targets(self, b: Any, outputs: Any, noise: Any) -> Any:
+        """Targets in {0, 1} drawn from ``Bernoulli(σ(z))``."""
+        sig = 1.0 / (1.0 + b.xp.exp(-outputs))
+        return b.xp.astype(noise < sig, outputs.dtype)
+
+    def _hessian_sqrt(self, b: Any, outputs: Any, E: Any) -> Any:
+        sig = 1.0 / (1.0 + b.xp.exp(-outputs))
+        return b.xp.sqrt(sig * (1.0 - sig)) * E
 
 
 @dataclass(frozen=True)
@@ -168,6 +277,59 @@ class CallableLoss:
 
     def output_hessian_vp(self, b: Any, outputs: Any, targets: Any, u: Any) -> Any:
         return b.hvp_fn(lambda z: self.fn(z, targets), outputs)(u)
+
+    # Terms of a callable are its values on single examples (batches of one).
+    def normalization(self, outputs: Any) -> float:
+        return 1.0 / outputs.shape[0] if self.reduction == "mean" else 1.0
+
+    def term_sum(self, b: Any, a: Any, outputs: Any) -> Any:
+        axes = tuple(range(a.ndim - outputs.ndim + 1, a.ndim))
+        return b.xp.sum(a, axis=axes, keepdims=True) if axes else a
+
+    def terms_per_example(self, shape: tuple[int, ...]) -> int:
+        return 1
+
+    def term_masks(self, b: Any, outputs: Any) -> Any:
+        return None
+
+    def output_gradient(self, b: Any, outputs: Any, targets: Any) -> Any:
+        def example_gradient(z_n: Any, y_n: Any) -> Any:
+            value, pullback = b.vjp(lambda z: self.fn(z[None], y_n[None]), z_n)
+            return pullback(b.xp.ones_like(value))
+
+        return b.vmap(example_gradient)(outputs, targets)
+
+    def sample_noise(self, b: Any, shape: tuple[int, ...], num_samples: int, seed: int) -> Any:
+        raise _no_distribution(self.fn)
+
+    def sampled_gradient(self, b: Any, outputs: Any, noise: Any) -> Any:
+        raise _no_distribution(self.fn)
+
+    def hessian_sqrt_columns(self, b: Any, outputs: Any, targets: Any) -> Any:
+        raise type_error(
+            "loss_func",
+            "MSELoss, CrossEntropyLoss or BCEWithLogitsLoss (a closed-form output Hessian)",
+            self.fn,
+            "Pass mc_samples=k for a Monte-Carlo estimate with one of these losses, or use "
+            "GGNLinearOperator(...).todense() for small models.",
+        )
+
+
+def _unit_columns(b: Any, outputs: Any) -> Any:
+    """One-hot arrays ``(m, 1, *outputs.shape[1:])``, one per output of an example."""
+    m = _size(outputs) // outputs.shape[0]
+    return b.xp.reshape(b.eye(m), (m, 1, *outputs.shape[1:]))
+
+
+def _no_distribution(fn: Any) -> TypeError:
+    return type_error(
+        "loss_func",
+        "MSELoss, CrossEntropyLoss or BCEWithLogitsLoss (a loss with a predictive "
+        "distribution to sample targets from)",
+        fn,
+        "A custom callable defines no distribution; use a standard loss, or the exact "
+        "GGNLinearOperator.",
+    )
 
 
 def _size(array: Any) -> int:

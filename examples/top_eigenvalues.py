@@ -46,4 +46,5 @@ if importlib.util.find_spec("jax"):
 for name, values in results.items():
     print(f"{name:>6}: top-5 Hessian eigenvalues", np.array2string(values, precision=5))
 if len(results) == 2:
-    print(f"largest difference between backends: {np.abs(results['torch'] - results['jax']).max():.2e}")
+    difference = np.abs(results["torch"] - results["jax"]).max()
+    print(f"largest difference between backends: {difference:.2e}")

@@ -8,6 +8,7 @@ have made the user's objects if it is already in ``sys.modules``.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 from typing import Any
 
@@ -27,13 +28,12 @@ def make_backend(model_func: Any, params: Any, backend: str | None = None) -> Ba
     """The backend for ``params``: named by ``backend`` or read off their types."""
     name = _detect(model_func, params) if backend is None else _check_name(backend)
     module_name, class_name = BACKENDS[name]
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:
+    if importlib.util.find_spec(name) is None:
         raise ImportError(
-            f"backend={name!r} needs {name}, which is not installed ({error}). "
+            f"backend={name!r} needs {name}, which is not installed. "
             f"Install it with: pip install 'curvlinops[{name}]'"
-        ) from error
+        )
+    module = importlib.import_module(module_name)
     return getattr(module, class_name)(model_func, params)
 
 

@@ -17,7 +17,19 @@ import numpy as np
 
 from curvlinops import losses
 from curvlinops._checks import describe, type_error, value_error
-from curvlinops.backends._arrays import is_array, library_of
+from curvlinops.backends._arrays import (
+    DLPACK_ERRORS,
+    compact,
+    device_label,
+    host_view,
+    is_array,
+    is_host_array,
+    library_of,
+    placement_error,
+    real_numeric,
+)
+from curvlinops.backends._distributed import LOCAL, SingleProcess
+from curvlinops.backends._distributed_jax import BatchSharding, gather_global
 
 __all__ = ["JaxBackend", "x64_enabled"]
 
@@ -45,11 +57,17 @@ class JaxBackend:
         _check_uniform(names, leaves)
         self.param_names: list[str] = names
         self.param_shapes: list[tuple[int, ...]] = [tuple(leaf.shape) for leaf in leaves]
-        self.primals = jax.tree_util.tree_unflatten(self._treedef, leaves)
         self.dtype = np.dtype(leaves[0].dtype)
         self.device = next(iter(leaves[0].devices()))
+        # committed to the device once, as every array the compiled products get
+        # (see _committed_to)
+        self.primals = jax.device_put(
+            jax.tree_util.tree_unflatten(self._treedef, leaves), self.device
+        )
         self._sizes = [int(np.prod(s, dtype=int)) for s in self.param_shapes]
         self.model_fn = model_func
+        # Set by distribute(): batches sharded over a device mesh.
+        self._sharding: BatchSharding | None = None
 
     # --- set-up -----------------------------------------------------------
     def loss(self, loss_func: Any) -> Any:
@@ -74,7 +92,10 @@ class JaxBackend:
                 array = array.astype(np.float32)
             return jnp.asarray(array)
 
-        return jax.tree_util.tree_map(convert, batch)
+        batch = jax.tree_util.tree_map(convert, batch)
+        if self._sharding is None:
+            return jax.device_put(batch, self.device)  # committed, see _committed_to
+        return self._sharding.place_batch(batch)
 
     def batch_size(self, X: Any) -> int:
         return int(X.shape[0])
@@ -84,36 +105,83 @@ class JaxBackend:
         return isinstance(x, jax.Array)
 
     def import_array(self, x: Any, argument: str) -> tuple[jax.Array, bool]:
+        """``x`` as a JAX array on the parameters' device and dtype.
+
+        Device rules (see :mod:`curvlinops.backends._arrays`): arrays on the
+        parameters' device are used in place, host arrays are read in place
+        or copied to the device, arrays on another device raise. JAX reads
+        its inputs asynchronously, so the result always counts as sharing
+        ``x``'s memory (the caller waits for it before handing it back).
+        Tracers (``jax.jit``, ``jax.lax`` loops) pass through unchanged.
+        """
+        if self.dtype == np.float64 and not x64_enabled():
+            raise value_error(
+                "jax_enable_x64",
+                "True for an operator of float64 parameters",
+                "False (it was switched off after the operator was built)",
+                X64_FIX,
+            )
+        if library_of(x) == "torch":
+            x = x.detach()  # tensors that require grad cannot be exported
         if isinstance(x, jax.Array):
-            array, shared = x, True
-            if self.is_concrete(x) and x.devices() != {self.device}:
-                raise value_error(
-                    argument,
-                    f"an array on the parameters' device {self.device}",
-                    f"an array on {sorted(map(str, x.devices()))}",
-                    f"Move it first with jax.device_put(x, {self.device!r}).",
-                )
-        elif isinstance(x, np.ndarray):
-            if x.dtype.kind not in "fiub":
-                raise type_error(argument, "a real numeric array", x)
-            array, shared = jnp.asarray(x, dtype=self.dtype), False
+            array = self._own_array(x, argument)
+        elif is_host_array(x):
+            array = self._from_host(x, argument)
         elif hasattr(x, "__dlpack__"):
-            if getattr(x, "requires_grad", False):
-                x = x.detach()
-            try:
-                array, shared = jnp.from_dlpack(x), True
-            except (BufferError, RuntimeError, TypeError, ValueError):
-                array, shared = jnp.asarray(np.asarray(x)), False
+            array = self._from_device_array(x, argument)
         else:
-            raise type_error(argument, "an array (numpy, jax, torch or DLPack-capable)", x)
+            raise type_error(argument, "an array (numpy, jax, torch, cupy or DLPack-capable)", x)
+        shared = True
         if jnp.iscomplexobj(array):
             raise type_error(argument, "a real array", x)
         if array.dtype != self.dtype:
             array = array.astype(self.dtype)
+        if self._sharding is not None:
+            array = self._sharding.replicate(array)
         return array, shared
 
+    def _allowed_devices(self) -> set:
+        return {self.device} if self._sharding is None else set(self._sharding.devices)
+
+    def _own_array(self, x: jax.Array, argument: str) -> jax.Array:
+        if not self.is_concrete(x) or x.devices() <= self._allowed_devices():
+            return x
+        on_host = all(d.platform == "cpu" for d in x.devices())
+        if on_host and self.device.platform != "cpu":
+            return jax.device_put(x, self.device)
+        raise placement_error(argument, device_label(x), str(self.device))
+
+    def _from_host(self, x: Any, argument: str) -> jax.Array:
+        if not isinstance(x, np.ndarray):
+            try:
+                return self._to_params_device(jnp.from_dlpack(x))
+            except DLPACK_ERRORS:
+                x = host_view(x)  # strided or read-only memory: go through numpy
+        if not real_numeric(x.dtype):
+            raise type_error(argument, "a real numeric array", x)
+        if x.dtype != self.dtype:
+            x = x.astype(self.dtype)  # on the host: moves fewer bytes, needs no x64
+        return jax.device_put(x, self.device)
+
+    def _from_device_array(self, x: Any, argument: str) -> jax.Array:
+        try:
+            array = jnp.from_dlpack(compact(x))
+        except DLPACK_ERRORS as error:
+            # an accelerator this JAX cannot use, or memory it cannot read
+            raise placement_error(argument, device_label(x), str(self.device)) from error
+        if not array.devices() <= self._allowed_devices():
+            raise placement_error(argument, device_label(x), str(self.device))
+        return array
+
+    def _to_params_device(self, array: jax.Array) -> jax.Array:
+        if array.devices() <= self._allowed_devices():
+            return array
+        return jax.device_put(array, self.device)
+
     def to_numpy(self, y: jax.Array) -> np.ndarray:
-        return np.array(y)
+        out = np.array(gather_global(y))
+        # numpy has no bfloat16 of its own: hand such results over as float32
+        return out.astype(np.float32) if out.dtype == jnp.bfloat16 else out
 
     def tree_flatten(self, tree: Any) -> tuple[list[Any], Callable[[list[Any]], Any]]:
         leaves, treedef = jax.tree_util.tree_flatten(tree)
@@ -145,13 +213,14 @@ class JaxBackend:
         return not isinstance(y, jax.core.Tracer)
 
     def all_finite(self, y: jax.Array) -> bool:
-        return bool(jnp.isfinite(y).all())
+        # A sum is non-finite when an entry is; only then look at the entries.
+        return bool(jnp.isfinite(y.sum())) or bool(jnp.isfinite(y).all())
 
     def equal(self, a: Any, b: Any) -> bool:
         leaves_a, tree_a = jax.tree_util.tree_flatten(a)
         leaves_b, tree_b = jax.tree_util.tree_flatten(b)
         return tree_a == tree_b and all(
-            np.shape(x) == np.shape(y) and bool(np.array_equal(x, y))
+            np.shape(x) == np.shape(y) and bool(np.array_equal(gather_global(x), gather_global(y)))
             for x, y in zip(leaves_a, leaves_b)
         )
 
@@ -161,13 +230,16 @@ class JaxBackend:
     def random_rademacher(self, shape: tuple[int, ...], seed: int) -> jax.Array:
         return jax.random.rademacher(jax.random.key(seed), shape, dtype=self.dtype)
 
+    def random_uniform(self, shape: tuple[int, ...], seed: int) -> jax.Array:
+        return jax.random.uniform(jax.random.key(seed), shape, dtype=self.dtype)
+
     # --- autodiff ---------------------------------------------------------
     def jvp(self, f: Callable, primals: tuple, tangents: tuple) -> tuple[Any, Any]:
         return jax.jvp(f, primals, tangents)
 
-    def vjp(self, f: Callable, *primals: Any) -> tuple[Any, Callable]:
-        out, pullback = jax.vjp(f, *primals)
-        return out, (lambda u: pullback(u)[0]) if len(primals) == 1 else pullback
+    def vjp(self, f: Callable, *primals: Any, has_aux: bool = False) -> tuple[Any, ...]:
+        out, pullback, *aux = jax.vjp(f, *primals, has_aux=has_aux)
+        return (out, _single(pullback) if len(primals) == 1 else pullback, *aux)
 
     def hvp_fn(self, f: Callable, primal: Any) -> Callable[[Any], Any]:
         # Forward-over-reverse; XLA fuses it well (benchmarks/README.md).
@@ -177,8 +249,61 @@ class JaxBackend:
     def vmap(self, f: Callable, in_axes: Any = 0, out_axes: Any = 0) -> Callable:
         return jax.vmap(f, in_axes=in_axes, out_axes=out_axes)
 
-    def compile(self, f: Callable) -> Callable:
-        return jax.jit(f)
+    def compile(self, f: Callable, data_args: tuple[int, ...] = ()) -> Callable:
+        sharding = self._sharding
+        if sharding is None:
+            return _committed_to(jax.jit(f), self.device)
+        if not data_args:
+            return jax.jit(f)
+
+        def sharded(*args: Any) -> Any:
+            args = tuple(
+                sharding.constrain_batch(a) if i in data_args else a for i, a in enumerate(args)
+            )
+            return f(*args)
+
+        return jax.jit(sharded)
+
+    # --- data parallelism -------------------------------------------------
+    def distribute(self, process_group: Any, sharding: Any) -> Any:
+        if process_group is not None and not (
+            isinstance(process_group, str) and process_group == LOCAL
+        ):
+            raise type_error(
+                "process_group",
+                "None for JAX operators (process groups are torch.distributed's)",
+                process_group,
+                "To spread JAX data over devices, pass "
+                "sharding=NamedSharding(mesh, PartitionSpec('batch')).",
+            )
+        if sharding is not None:
+            self._sharding = BatchSharding(sharding)
+            self.primals = self._sharding.replicate(self.primals)
+        return SingleProcess()
+
+
+def _committed_to(jitted: Callable, device: Any) -> Callable:
+    """Call ``jitted`` with its concrete array arguments committed to ``device``.
+
+    ``jax.jit`` compiles once per argument placement: an uncommitted array
+    (``jnp.asarray``, ``jax.random``) and a committed one (``jax.device_put``,
+    DLPack) of the same shape would each compile the product anew.
+    """
+
+    def commit(a: Any) -> Any:
+        if isinstance(a, jax.Array) and not isinstance(a, jax.core.Tracer) and not a.committed:
+            return jax.device_put(a, device)
+        return a
+
+    def call(*args: Any) -> Any:
+        return jitted(*jax.tree_util.tree_map(commit, args))
+
+    return call
+
+
+def _single(pullback: Callable) -> Callable:
+    """A pullback of a one-argument function, returning that argument's cotangent."""
+    return lambda u: pullback(u)[0]
 
 
 def _import_param(name: str, leaf: Any) -> jax.Array:

@@ -70,8 +70,8 @@ class Backend(Protocol):
         Returns the array and whether it shares memory with ``x``.
         """
 
-    def export_array(self, y: Any, like: Any) -> Any:
-        """Convert a native result to the library, device and dtype of ``like``."""
+    def to_numpy(self, y: Any) -> np.ndarray:
+        """A writable host copy (or view) of a native array, as numpy."""
 
     def tree_flatten(self, tree: Any) -> tuple[list[Any], Callable[[list[Any]], Any]]:
         """Leaves of a (list, tuple, dict or framework pytree) structure, and a rebuild function."""
@@ -109,12 +109,19 @@ class Backend(Protocol):
     def random_rademacher(self, shape: tuple[int, ...], seed: int) -> Any:
         """Seeded ±1 native array."""
 
+    def random_uniform(self, shape: tuple[int, ...], seed: int) -> Any:
+        """Seeded native array, uniform on ``[0, 1)``, of the operator's dtype."""
+
     # --- autodiff ---------------------------------------------------------
     def jvp(self, f: Callable, primals: tuple, tangents: tuple) -> tuple[Any, Any]:
         """Forward mode: ``(f(*primals), J tangents)``."""
 
-    def vjp(self, f: Callable, *primals: Any) -> tuple[Any, Callable]:
-        """Reverse mode: ``(f(*primals), u -> Jᵀ u)``."""
+    def vjp(self, f: Callable, *primals: Any, has_aux: bool = False) -> tuple[Any, ...]:
+        """Reverse mode: ``(f(*primals), u -> Jᵀ u)``, plus ``aux`` when ``has_aux``.
+
+        With ``has_aux``, ``f`` returns ``(output, aux)`` and only ``output`` is
+        differentiated. For one primal the pullback returns its cotangent alone.
+        """
 
     def hvp_fn(self, f: Callable, primal: Any) -> Callable[[Any], Any]:
         """``v -> ∇²f(primal) v`` for scalar ``f``; the mode is the backend's choice."""
@@ -122,5 +129,19 @@ class Backend(Protocol):
     def vmap(self, f: Callable, in_axes: Any = 0, out_axes: Any = 0) -> Callable:
         """Vectorise ``f`` over an axis of its arguments."""
 
-    def compile(self, f: Callable) -> Callable:
-        """Compile ``f`` (``jax.jit``; identity for PyTorch)."""
+    def compile(self, f: Callable, data_args: tuple[int, ...] = ()) -> Callable:
+        """Compile ``f`` (``jax.jit``; identity for PyTorch).
+
+        ``data_args`` are the positions of ``f``'s arguments that hold a data
+        batch: a data-parallel JAX backend splits them over its device mesh.
+        """
+
+    # --- data parallelism -------------------------------------------------
+    def distribute(self, process_group: Any, sharding: Any) -> Any:
+        """Set up data parallelism; return the communicator that sums over processes.
+
+        ``process_group`` (PyTorch) and ``sharding`` (JAX) are the operators'
+        options of the same names. The result is a
+        :class:`~curvlinops.backends._distributed.Communicator`; the identity
+        in one process, and for JAX, where XLA inserts the sums over devices.
+        """

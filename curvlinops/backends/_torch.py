@@ -6,6 +6,7 @@ list (``list(model.parameters())`` style) or the insertion order of the dict.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -17,7 +18,19 @@ from torch.func import functional_call, grad, jvp, vjp, vmap
 
 from curvlinops import losses
 from curvlinops._checks import describe, type_error, value_error
-from curvlinops.backends._arrays import library_of, map_structure
+from curvlinops.backends._arrays import (
+    DLPACK_ERRORS,
+    compact,
+    device_label,
+    dlpack_safe,
+    host_view,
+    is_host_array,
+    library_of,
+    map_structure,
+    placement_error,
+    real_numeric,
+)
+from curvlinops.backends._distributed_torch import torch_communicator
 
 __all__ = ["TorchBackend"]
 
@@ -35,7 +48,7 @@ class TorchBackend:
         self.param_shapes: list[tuple[int, ...]] = [tuple(t.shape) for t in tensors]
         self.primals: tuple[torch.Tensor, ...] = tuple(t.detach() for t in tensors)
         self.torch_dtype = tensors[0].dtype
-        self.dtype = np.dtype(str(self.torch_dtype).removeprefix("torch."))
+        self.dtype = _numpy_dtype(self.torch_dtype)
         self.device = tensors[0].device
         self._sizes = [t.numel() for t in tensors]
         self.model_fn = _functional_model(model_func, params, names)
@@ -62,25 +75,24 @@ class TorchBackend:
         return isinstance(x, torch.Tensor)
 
     def import_array(self, x: Any, argument: str) -> tuple[torch.Tensor, bool]:
+        """``x`` as a tensor on the parameters' device and dtype, and whether it shares memory.
+
+        Device rules (see :mod:`curvlinops.backends._arrays`): tensors on the
+        parameters' device are used in place, host arrays are read in place
+        (CPU model) or copied to the device, arrays on another device raise.
+        """
+        _reject_jax_tracer(x, argument)
         if isinstance(x, torch.Tensor):
             tensor, shared = x.detach(), True
-        elif isinstance(x, np.ndarray):
-            tensor, shared = _from_numpy(x)
+        elif is_host_array(x):
+            tensor, shared = _from_host(x, argument)
         elif hasattr(x, "__dlpack__"):
-            try:
-                tensor, shared = torch.from_dlpack(x), True
-            except (BufferError, RuntimeError, TypeError):
-                tensor, shared = _from_numpy(np.asarray(x))
+            tensor, shared = _from_device_array(x, argument, self.device), True
         else:
-            raise type_error(argument, "an array (numpy, torch, jax or DLPack-capable)", x)
+            raise type_error(argument, "an array (numpy, torch, jax, cupy or DLPack-capable)", x)
         if tensor.device != self.device:
             if tensor.device.type != "cpu":
-                raise value_error(
-                    argument,
-                    f"an array on the parameters' device {self.device}",
-                    f"an array on {tensor.device}",
-                    f"Move it first, e.g. x.to('{self.device}').",
-                )
+                raise placement_error(argument, str(tensor.device), str(self.device))
             tensor, shared = tensor.to(self.device), False
         if tensor.is_complex():
             raise type_error(argument, "a real array", x)
@@ -89,7 +101,9 @@ class TorchBackend:
         return tensor, shared
 
     def to_numpy(self, y: torch.Tensor) -> np.ndarray:
-        return y.detach().cpu().numpy()
+        y = y.detach().cpu()
+        # numpy has no bfloat16 of its own: hand such results over as float32
+        return (y.float() if y.dtype == torch.bfloat16 else y).numpy()
 
     def tree_flatten(self, tree: Any) -> tuple[list[Any], Callable[[list[Any]], Any]]:
         return _flatten_structure(tree)
@@ -111,13 +125,17 @@ class TorchBackend:
         return torch.cat(list(arrays), dim=axis)
 
     def block_until_ready(self, y: torch.Tensor) -> torch.Tensor:
+        if y.is_cuda:  # kernels run asynchronously on the current stream
+            torch.cuda.current_stream(y.device).synchronize()
         return y
 
     def is_concrete(self, y: Any) -> bool:
         return True
 
     def all_finite(self, y: torch.Tensor) -> bool:
-        return bool(torch.isfinite(y).all())
+        # A sum is non-finite when an entry is (25x cheaper than isfinite().all());
+        # only then look at the entries, since the sum alone may overflow.
+        return bool(torch.isfinite(y.sum())) or bool(torch.isfinite(y).all())
 
     def equal(self, a: Any, b: Any) -> bool:
         leaves_a, _ = _flatten_structure(a)
@@ -135,13 +153,17 @@ class TorchBackend:
         bits = torch.randint(0, 2, shape, generator=gen, device=self.device)
         return (2 * bits - 1).to(self.torch_dtype)
 
+    def random_uniform(self, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+        gen = torch.Generator(device=self.device).manual_seed(seed)
+        return torch.rand(shape, generator=gen, dtype=self.torch_dtype, device=self.device)
+
     # --- autodiff ---------------------------------------------------------
     def jvp(self, f: Callable, primals: tuple, tangents: tuple) -> tuple[Any, Any]:
         return jvp(f, primals, tangents)
 
-    def vjp(self, f: Callable, *primals: Any) -> tuple[Any, Callable]:
-        out, pullback = vjp(f, *primals)
-        return out, (lambda u: pullback(u)[0]) if len(primals) == 1 else pullback
+    def vjp(self, f: Callable, *primals: Any, has_aux: bool = False) -> tuple[Any, ...]:
+        out, pullback, *aux = vjp(f, *primals, has_aux=has_aux)
+        return (out, _single(pullback) if len(primals) == 1 else pullback, *aux)
 
     def hvp_fn(self, f: Callable, primal: Any) -> Callable[[Any], Any]:
         # Reverse-over-reverse: on CPU it beat forward-over-reverse
@@ -152,19 +174,78 @@ class TorchBackend:
     def vmap(self, f: Callable, in_axes: Any = 0, out_axes: Any = 0) -> Callable:
         return vmap(f, in_dims=in_axes, out_dims=out_axes)
 
-    def compile(self, f: Callable) -> Callable:
+    def compile(self, f: Callable, data_args: tuple[int, ...] = ()) -> Callable:
         return f
+
+    # --- data parallelism -------------------------------------------------
+    def distribute(self, process_group: Any, sharding: Any) -> Any:
+        if sharding is not None:
+            raise type_error(
+                "sharding",
+                "None for PyTorch operators (sharding= places JAX data on a device mesh)",
+                sharding,
+                "With torch.distributed, pass process_group= (default: the default group).",
+            )
+        return torch_communicator(process_group, self.device)
 
 
 # --- helpers ---------------------------------------------------------------
-def _from_numpy(array: np.ndarray) -> tuple[torch.Tensor, bool]:
-    if array.dtype.kind not in "fiub":
-        raise type_error("x", "a real numeric array", array)
+def _single(pullback: Callable) -> Callable:
+    """A pullback of a one-argument function, returning that argument's cotangent."""
+    return lambda u: pullback(u)[0]
+
+
+def _from_host(x: Any, argument: str) -> tuple[torch.Tensor, bool]:
+    """A CPU tensor of a host array: its memory where that is safe, else a copy."""
+    if library_of(x) == "jax":
+        # JAX arrays are always compact; DLPack also keeps bfloat16
+        return torch.from_dlpack(x), True
+    view = host_view(x)
+    if not real_numeric(view.dtype):
+        raise type_error(argument, "a real numeric array", x)
+    if view.dtype.name == "bfloat16":  # ml_dtypes' bfloat16: same bits as torch's
+        return torch.from_numpy(np.array(view).view(np.uint16)).view(torch.bfloat16), False
+    if dlpack_safe(view):
+        return torch.from_dlpack(view), True
+    # negative strides (which crash torch.from_dlpack), misaligned or odd strides
+    return torch.from_numpy(np.array(view)), False
+
+
+def _from_device_array(x: Any, argument: str, device: torch.device) -> torch.Tensor:
+    """A tensor sharing the memory of another library's accelerator array (CuPy, JAX)."""
     try:
-        return torch.from_dlpack(array), True
-    except (BufferError, RuntimeError, TypeError):
-        # negative strides or read-only memory that DLPack cannot describe
-        return torch.from_numpy(np.array(array)), False
+        return torch.from_dlpack(compact(x))
+    except DLPACK_ERRORS as error:
+        # an accelerator this PyTorch cannot use, or memory it cannot read
+        raise placement_error(argument, device_label(x), str(device)) from error
+
+
+def _reject_jax_tracer(x: Any, argument: str) -> None:
+    jax = sys.modules.get("jax")
+    if jax is not None and isinstance(x, jax.core.Tracer):
+        raise type_error(
+            argument,
+            "a concrete array",
+            x,
+            "JAX is tracing this call (jax.jit, jax.lax loops, jax.scipy's cg), but the "
+            "operator belongs to a PyTorch model and cannot be traced. Call it outside JAX "
+            "transformations, or build the operator from JAX parameters.",
+        )
+
+
+def _numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    """The numpy dtype of a torch dtype; bfloat16 comes from ``ml_dtypes``."""
+    name = str(dtype).removeprefix("torch.")
+    if name != "bfloat16":
+        return np.dtype(name)
+    try:
+        import ml_dtypes
+    except ImportError as error:
+        raise ImportError(
+            "bfloat16 parameters need the ml_dtypes package (numpy has no bfloat16 of its "
+            "own; JAX installs it): pip install ml_dtypes"
+        ) from error
+    return np.dtype(ml_dtypes.bfloat16)
 
 
 def _leaf_equal(a: Any, b: Any) -> bool:
@@ -274,9 +355,12 @@ def _check_uniform(names: list[str], tensors: list[torch.Tensor]) -> None:
 def _functional_model(model_func: Any, params: Any, names: list[str]) -> Callable:
     if isinstance(model_func, nn.Module):
         module = model_func
+        # Parameters not differentiated are held as constants: left to the
+        # module, they would make every product record an autograd graph.
+        frozen = {n: p.detach() for n, p in module.named_parameters() if n not in set(names)}
 
         def module_fn(primals: tuple, X: Any) -> Any:
-            return functional_call(module, dict(zip(names, primals)), (X,))
+            return functional_call(module, {**frozen, **dict(zip(names, primals))}, (X,))
 
         return module_fn
     if not callable(model_func):

@@ -1,0 +1,1 @@
+"""Cross-backend benchmark suite: ``python -m benchmarks --help``."""

@@ -1,0 +1,636 @@
+r"""Eigenvalues of symmetric operators: Lanczos, ``eigsh``, sharpness.
+
+All functions take an operator of this library, a scipy ``LinearOperator``
+(or sparse matrix), or a dense numpy/PyTorch/JAX/CuPy array, and assume it is
+symmetric (Hessians and GGNs are). They run in the operator's own array
+library: PyTorch tensors or JAX arrays for operators with a backend, numpy for
+scipy operators and numpy arrays, CuPy for CuPy arrays.
+
+For gradient descent :math:`w \leftarrow w - \alpha \nabla \mathcal{J}(w)`
+near a minimum with Hessian :math:`H`, the error along eigenvector :math:`i`
+is multiplied by :math:`1 - \alpha \lambda_i` in each step, so the iteration
+is stable if and only if :math:`\alpha < 2 / \lambda_{\max}`
+(:func:`max_stable_learning_rate`); :math:`\lambda_{\max}` is called the
+*sharpness* (:func:`sharpness`).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, NamedTuple
+
+import array_api_compat
+import numpy as np
+import scipy.sparse.linalg
+
+from curvlinops._checks import shape_error, value_error
+from curvlinops._operand import (
+    ConvergenceError,
+    ConvergenceWarning,
+    Operand,
+    as_operand,
+    check_choice,
+    check_int,
+    check_real,
+    raise_nonfinite,
+)
+from curvlinops.backends import _cupy
+from curvlinops.backends._arrays import is_array
+
+__all__ = [
+    "ConvergenceError",
+    "ConvergenceWarning",
+    "LanczosResult",
+    "eigsh",
+    "lanczos",
+    "max_stable_learning_rate",
+    "sharpness",
+]
+
+WHICH = ("LA", "SA", "LM")
+
+
+# --- Lanczos -------------------------------------------------------------------------------
+class LanczosResult(NamedTuple):
+    r"""The output of :func:`lanczos`: :math:`A Q \approx Q T` with :math:`T` tridiagonal.
+
+    For one start vector, ``alphas`` has shape ``(s,)``, ``betas`` ``(s - 1,)`` and
+    ``basis`` ``(n, s)``; for ``m`` start vectors (the columns of an ``(n, m)``
+    ``v0``) a leading axis of length ``m`` comes first: ``(m, s)``, ``(m, s - 1)``,
+    ``(m, n, s)``. All are arrays of the operator's library.
+
+    Attributes:
+        alphas: Diagonal of :math:`T`, :math:`\alpha_j = q_j^\top A q_j`.
+        betas: Off-diagonal of :math:`T`; a zero marks a breakdown (an invariant
+            subspace was found), after which the basis vectors are zero.
+        basis: The orthonormal Lanczos vectors :math:`Q` as columns, or ``None``
+            when it was not kept.
+    """
+
+    alphas: Any
+    betas: Any
+    basis: Any
+
+    def tridiagonal(self) -> Any:
+        """The tridiagonal matrix :math:`T`, shape ``(s, s)`` or ``(m, s, s)``."""
+        xp = array_api_compat.array_namespace(self.alphas)
+        s = self.alphas.shape[-1]
+        device = array_api_compat.device(self.alphas)
+        eye = xp.eye(s, dtype=self.alphas.dtype, device=device)
+        upper = xp.eye(s, k=1, dtype=self.alphas.dtype, device=device)
+        pad = xp.zeros((*self.betas.shape[:-1], 1), dtype=self.betas.dtype, device=device)
+        betas = xp.concat([self.betas, pad], axis=-1)
+        U = betas[..., :, None] * upper
+        return self.alphas[..., :, None] * eye + U + xp.matrix_transpose(U)
+
+
+def lanczos(
+    A: Any,
+    num_steps: int,
+    *,
+    reorthogonalize: bool = True,
+    seed: int = 0,
+    v0: Any = None,
+    keep_basis: bool = True,
+) -> LanczosResult:
+    r"""Lanczos tridiagonalisation of a symmetric operator.
+
+    Builds an orthonormal basis :math:`Q = [q_1, \dots, q_s]` of the Krylov space
+    :math:`\mathcal{K}_s(A, v_0) = \mathrm{span}\{v_0, A v_0, \dots, A^{s-1} v_0\}` by the
+    three-term recurrence :math:`\beta_j q_{j+1} = A q_j - \alpha_j q_j - \beta_{j-1}
+    q_{j-1}`, so that :math:`Q^\top A Q = T` is tridiagonal with diagonal
+    :math:`\alpha` and off-diagonal :math:`\beta`. The eigenvalues of :math:`T`
+    (Ritz values) approximate the extreme eigenvalues of :math:`A`. Costs one
+    product per step; several start vectors (columns of ``v0``) run together as
+    the columns of one ``matmat``.
+
+    Args:
+        A: A symmetric operator of this library, a scipy ``LinearOperator`` or
+            sparse matrix, or a dense array.
+        num_steps: Number of Lanczos steps ``s`` (products), ``1 <= s <= n``.
+        reorthogonalize: Orthogonalise each new vector against all previous ones
+            (classical Gram-Schmidt, twice). Keeps :math:`Q` orthonormal in
+            floating point; without it, Ritz values repeat ("ghosts") and the
+            basis is kept only if ``keep_basis``.
+        seed: Seed of the standard-normal start vector when ``v0`` is ``None``.
+        v0: Start vector ``(n,)``, or ``(n, m)`` for ``m`` independent runs; any
+            array library (it is converted to the operator's). It is normalised.
+        keep_basis: Return the basis (memory ``n * s`` per start vector).
+
+    Returns:
+        A :class:`LanczosResult` ``(alphas, betas, basis)`` in the operator's
+        array library; ``result.tridiagonal()`` builds :math:`T`.
+
+    Raises:
+        ValueError: ``num_steps`` outside ``[1, n]``, or ``v0`` of a wrong shape.
+
+    Example:
+        >>> import numpy as np
+        >>> from curvlinops.eigen import lanczos
+        >>> A = np.diag([1.0, 2.0, 3.0, 4.0])
+        >>> result = lanczos(A, 4)
+        >>> np.round(np.linalg.eigvalsh(result.tridiagonal()), 8)
+        array([1., 2., 3., 4.])
+    """
+    op = as_operand(A)
+    n = op.shape[0]
+    num_steps = check_int(num_steps, "num_steps")
+    if num_steps > n:
+        raise value_error(
+            "num_steps",
+            f"at most the operator's size n = {n} (the Krylov space has at most n dimensions)",
+            str(num_steps),
+        )
+    start, single = _start_vectors(op, v0, seed)
+    alphas, betas, basis = _lanczos(op, start, num_steps, bool(reorthogonalize), bool(keep_basis))
+    if not bool(op.to_host(op.xp.all(op.xp.isfinite(alphas)))):
+        raise_nonfinite("lanczos")
+    if single:
+        alphas, betas = alphas[0, ...], betas[0, ...]
+        basis = None if basis is None else op.xp.matrix_transpose(basis[0, ...])
+    elif basis is not None:
+        basis = op.xp.matrix_transpose(basis)
+    return LanczosResult(alphas, betas, basis)
+
+
+def _start_vectors(op: Operand, v0: Any, seed: int) -> tuple[Any, bool]:
+    """Normalised start vectors as an ``(n, m)`` native array, and whether ``v0`` was 1-d."""
+    n, xp = op.shape[0], op.xp
+    if v0 is None:
+        V = op.random((n, 1), check_int(seed, "seed", minimum=0))
+        single = True
+    else:
+        V = op.native(v0, "v0")
+        if V.ndim not in (1, 2) or V.shape[0] != n:
+            raise shape_error("v0", f"shape ({n},) or ({n}, m)", tuple(V.shape))
+        single = V.ndim == 1
+        V = V[:, None] if single else V
+    norms = xp.linalg.vector_norm(V, axis=0)
+    if not bool(xp.all(norms > 0)):
+        raise value_error("v0", "start vectors of non-zero norm", "a zero column")
+    return V / norms, single
+
+
+def _lanczos(
+    op: Operand, Q0: Any, num_steps: int, reorthogonalize: bool, keep_basis: bool
+) -> tuple[Any, Any, Any]:
+    """Batched Lanczos on the columns of ``Q0`` (``(n, m)``, unit columns).
+
+    Returns ``alphas (m, s)``, ``betas (m, s - 1)``, ``basis (m, s, n)`` or None.
+    Columns that break down continue as zero vectors with zero coupling, which
+    adds decoupled zero blocks to ``T`` that carry no quadrature weight.
+    """
+    xp = op.xp
+    n, m = Q0.shape
+    keep = reorthogonalize or keep_basis
+    # The basis lives in one (m, s, n) buffer filled row by row. Where arrays are
+    # writeable (numpy, PyTorch, CuPy), rows are written in place and only the
+    # filled rows take part in the projections; JAX arrays are immutable, and
+    # growing shapes would make JAX compile every step anew, so there the step
+    # works on the whole (zero-padded) buffer with fixed shapes, compiled once.
+    basis = op.zeros((m, num_steps, n)) if keep else None
+    writeable = basis is not None and array_api_compat.is_writeable_array(basis)
+    step_fn = _lanczos_update(xp, op.eps * math.sqrt(n), reorthogonalize, keep, writeable)
+    update = step_fn if writeable else op.compile(step_fn)
+    positions = xp.arange(num_steps, device=op.device)
+    q, q_prev = Q0, xp.zeros_like(Q0)
+    beta = xp.zeros_like(Q0[0, ...])
+    anorm = xp.zeros_like(beta)
+    if keep:
+        basis = _add_row(xp, basis, positions, 0, q, writeable)
+    alphas, betas = [], []
+    for step in range(num_steps - 1):
+        w = op.matmat(q)
+        alpha, q_next, beta, basis, anorm = update(
+            q, q_prev, beta, w, basis, anorm, positions, step + 1
+        )
+        q_prev, q = q, q_next
+        alphas.append(alpha)
+        betas.append(beta)
+    alphas.append(xp.sum(q * op.matmat(q), axis=0))
+    alphas_out = xp.stack(alphas, axis=1)
+    betas_out = xp.stack(betas, axis=1) if betas else xp.zeros_like(alphas_out[:, :0])
+    return alphas_out, betas_out, basis if keep_basis else None
+
+
+def _lanczos_update(
+    xp: Any, tolerance: float, reorthogonalize: bool, keep: bool, writeable: bool
+) -> Any:
+    """The vector arithmetic of one Lanczos step after the product ``w = A q``.
+
+    A pure function of native arrays for immutable arrays (JAX compiles it once);
+    with writeable arrays it writes the new row into ``basis`` in place.
+    """
+
+    def update(q, q_prev, beta, w, basis, anorm, positions, index):
+        anorm = xp.maximum(anorm, xp.linalg.vector_norm(w, axis=0))
+        alpha = xp.sum(q * w, axis=0)
+        w = w - alpha * q - beta * q_prev
+        if reorthogonalize:
+            w = _project_out(xp, w, basis[:, :index, :] if writeable else basis)
+        q_next, beta_next = _normalize(xp, w, tolerance * anorm)
+        if keep:
+            basis = _add_row(xp, basis, positions, index, q_next, writeable)
+        return alpha, q_next, beta_next, basis, anorm
+
+    return update
+
+
+def _add_row(xp: Any, basis: Any, positions: Any, index: Any, q: Any, writeable: bool) -> Any:
+    """``basis[:, index, :] = q.T``; without item assignment for immutable arrays."""
+    if writeable:
+        basis[:, index, :] = xp.matrix_transpose(q)
+        return basis
+    onehot = xp.astype(positions == index, basis.dtype)
+    return basis + onehot[None, :, None] * xp.matrix_transpose(q)[:, None, :]
+
+
+def _project_out(xp: Any, W: Any, B: Any) -> Any:
+    """Remove from each column ``W[:, i]`` its components along the rows of ``B[i]``.
+
+    ``W`` is ``(n, m)`` and ``B`` is ``(m, j, n)`` with orthonormal rows; two
+    passes of classical Gram-Schmidt ("twice is enough").
+    """
+    Wt = xp.matrix_transpose(W)[:, :, None]  # (m, n, 1)
+    Bt = xp.matrix_transpose(B)  # (m, n, j)
+    for _ in range(2):
+        Wt = Wt - Bt @ (B @ Wt)
+    return xp.matrix_transpose(Wt[:, :, 0])
+
+
+def _normalize(xp: Any, W: Any, threshold: Any) -> tuple[Any, Any]:
+    """Unit columns ``W / ||W||``; columns with norm below ``threshold`` become zero."""
+    norms = xp.linalg.vector_norm(W, axis=0)
+    ok = norms > threshold
+    zeros = xp.zeros_like(norms)
+    safe = xp.where(ok, norms, zeros + 1)
+    return xp.where(ok, W / safe, xp.zeros_like(W)), xp.where(ok, norms, zeros)
+
+
+# --- eigsh ----------------------------------------------------------------------------------
+def eigsh(
+    A: Any,
+    k: int = 6,
+    which: str = "LM",
+    *,
+    v0: Any = None,
+    ncv: int | None = None,
+    maxiter: int | None = None,
+    tol: float | None = None,
+    return_eigenvectors: bool = True,
+    seed: int = 0,
+    on_failure: str = "warn",
+) -> Any:
+    r"""``k`` eigenvalues (and eigenvectors) of a symmetric operator.
+
+    Solves :math:`A u_i = \lambda_i u_i` for the ``k`` eigenvalues selected by
+    ``which``: ``"LA"`` largest algebraic, ``"SA"`` smallest algebraic, ``"LM"``
+    largest magnitude (scipy's default). The call and the results are those of
+    :func:`scipy.sparse.linalg.eigsh`; where the computation runs depends on ``A``:
+
+    * numpy arrays, scipy operators and sparse matrices, and this library's
+      framework-free operators: :func:`scipy.sparse.linalg.eigsh` (ARPACK);
+    * CuPy arrays and ``cupyx`` operators: ``cupyx.scipy.sparse.linalg.eigsh``;
+    * operators with a PyTorch or JAX backend, and dense PyTorch/JAX arrays:
+      thick-restart Lanczos in that framework, on its device. Each step is one
+      product; the Krylov basis (at most ``ncv`` vectors) is kept orthonormal by
+      Gram-Schmidt applied twice, its Rayleigh quotient :math:`V^\top A V` is
+      diagonalised, and on restart the ``k`` wanted Ritz vectors and half of the
+      others are kept (Wu & Simon, 2000). A Ritz pair :math:`(\theta, y)` counts as
+      converged when :math:`\|A y - \theta y\| \le` ``tol`` :math:`\cdot \max|\theta|`.
+
+    Args:
+        A: A symmetric operator or matrix (see above).
+        k: Number of eigenvalues, ``1 <= k < n``.
+        which: ``"LA"``, ``"SA"`` or ``"LM"``.
+        v0: Start vector ``(n,)`` (any array library); default: a standard-normal
+            vector drawn with ``seed``.
+        ncv: Largest basis size, ``k < ncv <= n`` (default ``min(n, max(2k + 1, 20))``).
+        maxiter: Largest number of restarts (default ``10 * n``).
+        tol: Relative accuracy of the eigenpairs. Default: machine precision for
+            ARPACK (scipy's ``tol=0``); ``eps ** (2/3)`` of the dtype for the native
+            solver (about ``2.4e-5`` in float32, ``3.7e-11`` in float64); the
+            eigenvalue error is about the square of the residual over the gap to
+            the rest of the spectrum, so well-separated eigenvalues come out to
+            about machine precision.
+        return_eigenvectors: Also return the eigenvectors.
+        seed: Seed of the default start vector (results are reproducible).
+        on_failure: ``"warn"`` (a :class:`ConvergenceWarning`, and the current
+            estimates) or ``"raise"`` (a :class:`ConvergenceError`) when not all
+            wanted pairs converge in ``maxiter`` restarts.
+
+    Returns:
+        The eigenvalues ``(k,)`` in ascending order, and if ``return_eigenvectors``
+        the unit eigenvectors as the columns of an ``(n, k)`` array, both in the
+        array library the computation ran in.
+
+    Raises:
+        ValueError: ``k``, ``which``, ``ncv`` out of range; ``v0`` of a wrong shape.
+        ConvergenceError: Not converged and ``on_failure="raise"``.
+        FloatingPointError: The products with ``A`` gave NaN or inf.
+
+    Example:
+        >>> import numpy as np
+        >>> from curvlinops.eigen import eigsh
+        >>> A = np.diag(np.arange(1.0, 11.0))
+        >>> eigsh(A, k=3, which="LA", return_eigenvectors=False)
+        array([ 8.,  9., 10.])
+    """
+    on_failure = check_choice(on_failure, "on_failure", ("warn", "raise"))
+    seed = check_int(seed, "seed", minimum=0)
+    if _cupy.is_cupy_operator(A) and not is_array(A):  # cupyx operator or sparse matrix
+        options = _eigsh_options(A.shape[0], k, which, ncv, maxiter, tol)
+        return _eigsh_cupyx(A, v0, seed, return_eigenvectors, options)
+    op = as_operand(A)
+    options = _eigsh_options(op.shape[0], k, which, ncv, maxiter, tol)
+    start, single = _start_vectors(op, v0, seed)
+    if not single:
+        raise shape_error("v0", f"a vector of shape ({op.shape[0]},)", tuple(start.shape))
+    start = start[:, 0]
+    if _cupy.is_cupy_operator(op.source):
+        return _eigsh_library(_cupy.eigsh, op, start, return_eigenvectors, on_failure, options)
+    if op.library == "numpy":
+        solver = scipy.sparse.linalg.eigsh
+        return _eigsh_library(solver, op, start, return_eigenvectors, on_failure, options)
+    return _eigsh_native(op, start, seed, bool(return_eigenvectors), on_failure, **options)
+
+
+def _eigsh_cupyx(A: Any, v0: Any, seed: int, return_eigenvectors: bool, options: dict) -> Any:
+    """``cupyx.scipy.sparse.linalg.eigsh`` for CuPy operators and sparse matrices."""
+    options = {**options, "tol": options["tol"] or 0}
+    start = _cupy.random_vector(A.shape[0], A.dtype, seed) if v0 is None else v0
+    return _cupy.eigsh(A, v0=start, return_eigenvectors=return_eigenvectors, **options)
+
+
+def _eigsh_options(n: int, k: Any, which: Any, ncv: Any, maxiter: Any, tol: Any) -> dict[str, Any]:
+    """Checked ``k, which, ncv, maxiter, tol`` with their defaults filled in."""
+    k = check_int(k, "k")
+    if k >= n:
+        raise value_error(
+            "k", f"k < n = {n}", str(k), "For all eigenvalues, use numpy.linalg.eigh on todense()."
+        )
+    which = check_choice(which, "which", WHICH)
+    ncv = min(n, max(2 * k + 1, 20)) if ncv is None else check_int(ncv, "ncv")
+    if not k < ncv <= n:
+        raise value_error("ncv", f"k < ncv <= n (k = {k}, n = {n})", str(ncv))
+    maxiter = 10 * n if maxiter is None else check_int(maxiter, "maxiter")
+    tol = None if tol is None else check_real(tol, "tol", minimum=0.0)
+    return dict(k=k, which=which, ncv=ncv, maxiter=maxiter, tol=tol)
+
+
+def _eigsh_library(
+    solver: Any,
+    op: Operand,
+    start: Any,
+    return_eigenvectors: bool,
+    on_failure: str,
+    options: dict,
+) -> Any:
+    """ARPACK through scipy (numpy) or cupyx (CuPy), from the start vector ``start``."""
+    options = {**options, "tol": 0 if options["tol"] is None else options["tol"]}
+    try:
+        result = solver(op.source, v0=start, return_eigenvectors=return_eigenvectors, **options)
+    except scipy.sparse.linalg.ArpackNoConvergence as error:
+        message = f"eigsh: ARPACK did not converge ({error}). Increase maxiter or ncv, or tol."
+        if on_failure == "raise":
+            raise ConvergenceError(message) from error
+        warnings.warn(message + " Returning the converged pairs only.", ConvergenceWarning, 3)
+        result = (error.eigenvalues, error.eigenvectors)
+        if not return_eigenvectors:
+            result = result[0]
+    if return_eigenvectors:
+        return result
+    xp = array_api_compat.array_namespace(result)
+    return xp.sort(result)
+
+
+class _Krylov:
+    """Orthonormal basis ``V`` (rows), its projection ``H``, and the next vector.
+
+    Invariant: ``A V^T = V^T T + resid * next e_last^T`` with ``T`` the symmetric
+    part of ``H`` and ``next`` orthogonal to the rows of ``V``. ``V`` and ``H``
+    are fixed-size buffers (``ncv`` rows, the unused ones zero), so that every
+    step works on arrays of the same shapes (JAX compiles each shape once).
+    """
+
+    def __init__(self, op: Operand, start: Any, ncv: int, seed: int) -> None:
+        self.op, self.ncv, self.seed = op, ncv, seed
+        self.V = op.zeros((ncv, op.shape[0]))
+        self.H = op.zeros((ncv, ncv))
+        self.positions = op.xp.arange(ncv, device=op.device)
+        writeable = array_api_compat.is_writeable_array(self.V)
+        update = _krylov_update(op.xp, writeable)
+        self._update = update if writeable else op.compile(update)
+        self.size = 0
+        self.next, self.resid = start, 0.0
+        self.anorm = 0.0
+        self.breakdowns = 0
+
+    def step(self) -> None:
+        """One product: add ``next`` to the basis and its column to ``H``."""
+        n = self.op.shape[0]
+        w = self.op.matmat(self.next[:, None])[:, 0]
+        self.V, self.H, w, norms = self._update(
+            self.V, self.H, self.next, w, self.positions, self.size
+        )
+        self.size += 1
+        norms = self.op.to_host(norms)
+        if not np.isfinite(norms).all():
+            raise_nonfinite("eigsh")
+        self.anorm = max(self.anorm, float(norms[0]))
+        if self.size == n:  # the basis spans everything: no residual
+            self.next, self.resid = None, 0.0
+        elif float(norms[1]) > self.op.eps * math.sqrt(n) * self.anorm:
+            self.next, self.resid = w / float(norms[1]), float(norms[1])
+        else:  # invariant subspace found: continue with a fresh direction
+            self.next, self.resid = self._fresh_direction(), 0.0
+
+    def _fresh_direction(self) -> Any:
+        self.breakdowns += 1
+        xp = self.op.xp
+        w = self.op.random((self.op.shape[0],), self.seed + 7919 * self.breakdowns)
+        for _ in range(2):
+            w = w - (self.V @ w) @ self.V
+        return w / xp.linalg.vector_norm(w)
+
+    def ritz(self) -> tuple[Any, Any, np.ndarray, np.ndarray]:
+        """Ritz values and vectors of ``T`` (native), and values and residuals on the host.
+
+        Called with a full basis (``size == ncv``).
+        """
+        xp = self.op.xp
+        T = xp.triu(self.H) + xp.matrix_transpose(xp.triu(self.H, k=1))
+        theta, S = xp.linalg.eigh(T)
+        residuals = self.resid * xp.abs(S[self.ncv - 1, :])
+        host = self.op.to_host(xp.stack([theta, residuals]))
+        return theta, S, host[0], host[1]
+
+    def restart(self, theta: Any, S: Any, order: np.ndarray, keep: int) -> None:
+        """Keep the Ritz vectors ``order[:keep]``: ``V <- S_keep^T V``, ``H <- diag(theta)``."""
+        xp, op = self.op.xp, self.op
+        index = op.index(order)
+        mask = xp.astype(xp.arange(self.ncv, device=op.device) < keep, op.native_dtype)
+        S_keep = xp.take(S, index, axis=1) * mask[None, :]
+        self.V = xp.matrix_transpose(S_keep) @ self.V
+        self.H = op.eye(self.ncv) * (xp.take(theta, index) * mask)[None, :]
+        self.size = keep
+
+
+def _krylov_update(xp: Any, writeable: bool) -> Any:
+    """Vector arithmetic of a Krylov step after the product ``w = A v``.
+
+    Puts ``v`` into row ``index`` of ``V``, orthogonalises ``w`` against ``V`` (two
+    passes of classical Gram-Schmidt), and puts the coefficients into column
+    ``index`` of ``H``. Returns ``V, H, w`` and the norms of ``A v`` and of ``w``.
+    Writeable arrays are updated in place and only the filled rows of ``V`` are
+    read; otherwise (JAX) the function is pure, with fixed shapes, and compiled.
+    """
+
+    def update(V, H, v, w, positions, index):
+        if writeable:
+            V[index, :] = v
+            filled = V[: index + 1, :]
+        else:
+            e = xp.astype(positions == index, V.dtype)
+            V = V + e[:, None] * v[None, :]
+            filled = V
+        norm_w = xp.linalg.vector_norm(w)
+        h = filled @ w
+        w = w - h @ filled
+        h2 = filled @ w
+        w, h = w - h2 @ filled, h + h2
+        if writeable:
+            H[: index + 1, index] = h
+        else:
+            H = H + h[:, None] * e[None, :]
+        return V, H, w, xp.stack([norm_w, xp.linalg.vector_norm(w)])
+
+    return update
+
+
+def _order(theta: np.ndarray, which: str) -> np.ndarray:
+    """Indices of Ritz values, most wanted first."""
+    if which == "LA":
+        return np.argsort(-theta, kind="stable")
+    if which == "SA":
+        return np.argsort(theta, kind="stable")
+    return np.argsort(-np.abs(theta), kind="stable")
+
+
+def _eigsh_native(
+    op: Operand,
+    start: Any,
+    seed: int,
+    return_eigenvectors: bool,
+    on_failure: str,
+    *,
+    k: int,
+    which: str,
+    ncv: int,
+    maxiter: int,
+    tol: float | None,
+) -> Any:
+    """Thick-restart Lanczos in the operator's array library."""
+    xp = op.xp
+    tol = op.eps ** (2 / 3) if tol is None else tol
+    krylov = _Krylov(op, start, ncv, seed)
+    restarts = 0
+    while True:
+        while krylov.size < ncv and krylov.next is not None:
+            krylov.step()
+        theta, S, theta_host, residuals = krylov.ritz()
+        if not np.isfinite(theta_host).all():
+            raise_nonfinite("eigsh")
+        order = _order(theta_host, which)
+        wanted = order[:k]
+        scale = max(float(np.max(np.abs(theta_host))), np.finfo(op.dtype).tiny)
+        bad = residuals[wanted] > tol * scale
+        if not bad.any() or krylov.next is None or restarts >= maxiter:
+            break
+        restarts += 1
+        m = krylov.size
+        krylov.restart(theta, S, order, max(k, min(m - 1, k + (m - k) // 2)))
+    if bad.any():
+        _report_eigsh_failure(on_failure, bad, residuals[wanted] / scale, tol, restarts, op)
+    wanted = wanted[np.argsort(theta_host[wanted], kind="stable")]
+    index = op.index(wanted)
+    values = xp.take(theta, index)
+    if not return_eigenvectors:
+        return values
+    vectors = xp.matrix_transpose(krylov.V) @ xp.take(S, index, axis=1)
+    # V has ncv rows, all in use: the Ritz vectors are V^T S[:, wanted]
+    return values, vectors
+
+
+def _report_eigsh_failure(
+    on_failure: str, bad: np.ndarray, relative: np.ndarray, tol: float, restarts: int, op: Operand
+) -> None:
+    message = (
+        f"eigsh: {int(bad.sum())} of {bad.size} wanted eigenpairs did not converge after "
+        f"{restarts} restarts ({op.num_products} products): largest relative residual "
+        f"{float(np.max(relative)):.2e} > tol = {tol:.2e}. Increase maxiter or ncv, or "
+        "loosen tol; the returned values are the current estimates."
+    )
+    if on_failure == "raise":
+        raise ConvergenceError(message)
+    warnings.warn(message, ConvergenceWarning, stacklevel=4)
+
+
+# --- derived quantities -------------------------------------------------------------------
+def sharpness(A: Any, **eigsh_options: Any) -> float:
+    r"""The largest eigenvalue :math:`\lambda_{\max}(A)` ("sharpness" of a loss' Hessian).
+
+    Args:
+        A: A symmetric operator or matrix (as for :func:`eigsh`).
+        **eigsh_options: Passed to :func:`eigsh` (``tol``, ``seed``, ``ncv``, ...).
+
+    Returns:
+        :math:`\lambda_{\max}` as a Python float.
+
+    Example:
+        >>> import numpy as np
+        >>> from curvlinops.eigen import sharpness
+        >>> round(sharpness(np.diag([-5.0, 1.0, 2.0, 3.0])), 12)
+        3.0
+    """
+    values = eigsh(A, k=1, which="LA", return_eigenvectors=False, **eigsh_options)
+    xp = array_api_compat.array_namespace(values)
+    return float(xp.max(values))
+
+
+def max_stable_learning_rate(A: Any, **eigsh_options: Any) -> float:
+    r"""The gradient-descent stability bound :math:`2 / \lambda_{\max}(A)`.
+
+    On the quadratic model :math:`\frac12 (w - w_\star)^\top H (w - w_\star)`,
+    gradient descent with step size :math:`\alpha` multiplies the error along
+    eigenvector :math:`i` by :math:`1 - \alpha\lambda_i` each step; it converges
+    if and only if :math:`\alpha < 2 / \lambda_{\max}` (for :math:`H` positive
+    definite).
+
+    Args:
+        A: The Hessian (or another symmetric curvature operator or matrix).
+        **eigsh_options: Passed to :func:`eigsh`.
+
+    Returns:
+        :math:`2 / \lambda_{\max}` as a Python float.
+
+    Raises:
+        ValueError: :math:`\lambda_{\max} \le 0`: there is no positive curvature,
+            and no step size makes gradient descent converge to a minimum.
+
+    Example:
+        >>> import numpy as np
+        >>> from curvlinops.eigen import max_stable_learning_rate
+        >>> round(max_stable_learning_rate(np.diag([0.5, 1.0, 4.0])), 12)
+        0.5
+    """
+    top = sharpness(A, **eigsh_options)
+    if top <= 0:
+        raise value_error(
+            "A",
+            "an operator with a positive largest eigenvalue (a local minimum's Hessian)",
+            f"lambda_max = {top:.3e}",
+            "The stability bound 2 / lambda_max exists only for positive curvature.",
+        )
+    return 2.0 / top

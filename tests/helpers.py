@@ -1,0 +1,93 @@
+"""One comparison helper for every test: dtype-scaled tolerances, worst entries on failure."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+# Relative tolerance per dtype; the absolute tolerance is the same number times the
+# largest magnitude of the expected array, so entries that cancel to ~0 do not fail.
+RTOL = {
+    np.dtype(np.float64): 1e-10,
+    np.dtype(np.float32): 1e-5,
+    np.dtype(np.float16): 5e-3,
+}
+
+
+def to_numpy(x: Any) -> np.ndarray:
+    """A float64 numpy copy of a numpy, torch or JAX array (or a scalar)."""
+    if type(x).__module__.startswith("torch"):
+        x = x.detach().cpu().numpy()
+    return np.array(x)
+
+
+def tolerance(*dtypes: Any) -> float:
+    """The relative tolerance of the least precise of ``dtypes``."""
+    tols = [RTOL.get(np.dtype(d), RTOL[np.dtype(np.float64)]) for d in dtypes]
+    return max(tols)
+
+
+def _leaves(x: Any, path: str = "") -> list[tuple[str, Any]]:
+    if isinstance(x, Mapping):
+        return [leaf for key in x for leaf in _leaves(x[key], f"{path}[{key!r}]")]
+    if isinstance(x, (list, tuple)):
+        return [leaf for i, v in enumerate(x) for leaf in _leaves(v, f"{path}[{i}]")]
+    return [(path, x)]
+
+
+def _dtype_of(x: Any) -> np.dtype:
+    dtype = getattr(x, "dtype", np.float64)
+    try:
+        return np.dtype(dtype)
+    except TypeError:
+        return np.dtype(str(dtype).rsplit(".", 1)[-1])
+
+
+def assert_close(
+    actual: Any, expected: Any, *, rtol: float | None = None, name: str = "", worst: int = 5
+) -> None:
+    """Assert that ``actual`` matches ``expected`` entry by entry.
+
+    Both may be numpy/torch/JAX arrays or matching nested lists/tuples/dicts of
+    them. Entry ``i`` passes when ``|a_i - e_i| <= rtol * (|e_i| + max|e|)``;
+    ``rtol`` defaults to the tolerance of the least precise dtype involved.
+    On failure, the message lists the ``worst`` entries with their indices.
+    """
+    actual_leaves, expected_leaves = _leaves(actual), _leaves(expected)
+    if [p for p, _ in actual_leaves] != [p for p, _ in expected_leaves]:
+        raise AssertionError(
+            f"{name}: structures differ: {[p for p, _ in actual_leaves]} vs "
+            f"{[p for p, _ in expected_leaves]}"
+        )
+    for (path, a), (_, e) in zip(actual_leaves, expected_leaves):
+        _assert_leaf_close(a, e, rtol, f"{name}{path}", worst)
+
+
+def _assert_leaf_close(a: Any, e: Any, rtol: float | None, name: str, worst: int) -> None:
+    tol = tolerance(_dtype_of(a), _dtype_of(e)) if rtol is None else rtol
+    a_np, e_np = to_numpy(a).astype(np.float64), to_numpy(e).astype(np.float64)
+    if a_np.shape != e_np.shape:
+        raise AssertionError(f"{name}: shape {a_np.shape} != expected shape {e_np.shape}")
+    if a_np.size == 0:
+        return
+    scale = float(np.max(np.abs(e_np)))
+    allowed = tol * (np.abs(e_np) + scale)
+    error = np.abs(a_np - e_np)
+    bad = ~(error <= allowed)  # NaN counts as bad
+    if not bad.any():
+        return
+    excess = np.where(np.isnan(error), np.inf, error - allowed).ravel()
+    order = np.argsort(-excess)[:worst]
+    lines = [
+        f"{name}: {int(bad.sum())} of {a_np.size} entries differ (rtol={tol:g}, "
+        f"max |expected|={scale:.3g}, max |error|={np.nanmax(error):.3g}). Worst entries:"
+    ]
+    for flat in order:
+        index = np.unravel_index(flat, a_np.shape)
+        lines.append(
+            f"  {tuple(int(i) for i in index)}: actual={a_np[index]!r} "
+            f"expected={e_np[index]!r} |error|={error[index]:.3g} allowed={allowed[index]:.3g}"
+        )
+    raise AssertionError("\n".join(lines))
