@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from curvlinops._checks import type_error, value_error
-from curvlinops._curvature import CurvatureOperator
+from curvlinops._curvature import CurvatureOperator, outputs_with_jvp
 
 __all__ = ["EFLinearOperator", "FisherMCLinearOperator"]
 
@@ -67,15 +67,8 @@ class _GradientMomentOperator(CurvatureOperator):
     def _batch_matmat(self, primals: Any, X: Any, y: Any, V: Any, weight: Any, noise: Any) -> Any:
         b, loss, model = self.backend, self._loss, self.backend.model_fn
 
-        def outputs(p: Any) -> Any:
-            return model(p, X)
-
         def column(v: Any) -> Any:
-            # one forward pass gives z and J v (as in the GGN)
-            def outputs_and_jvp(p: Any) -> tuple[Any, Any]:
-                return b.jvp(outputs, (p,), (b.unflatten(v),))
-
-            z, pullback, Jv = b.vjp(outputs_and_jvp, primals, has_aux=True)
+            z, pullback, Jv = outputs_with_jvp(b, model, primals, X, v)
             G = self._gradients(z, y, noise)
             inner = loss.term_sum(b, G * Jv, z)  # gᵀ J v per term and sample
             scale = loss.normalization(z) / G.shape[0]

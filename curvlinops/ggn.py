@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from curvlinops._checks import value_error
-from curvlinops._curvature import CurvatureOperator, map_columns
+from curvlinops._curvature import CurvatureOperator, map_columns, outputs_with_jvp
 
 __all__ = ["GGNLinearOperator"]
 
@@ -96,16 +96,8 @@ class GGNLinearOperator(CurvatureOperator):
     def _batch_matmat(self, primals: Any, X: Any, y: Any, V: Any, weight: Any) -> Any:
         b, loss, model = self.backend, self._loss, self.backend.model_fn
 
-        def outputs(p: Any) -> Any:
-            return model(p, X)
-
         def column(v: Any) -> Any:
-            # Forward mode inside reverse mode: one forward pass gives z and J v
-            # (measured 1.9x a gradient in PyTorch, against 2.4x for a JVP and a VJP).
-            def outputs_and_jvp(p: Any) -> tuple[Any, Any]:
-                return b.jvp(outputs, (p,), (b.unflatten(v),))
-
-            z, pullback, Jv = b.vjp(outputs_and_jvp, primals, has_aux=True)
+            z, pullback, Jv = outputs_with_jvp(b, model, primals, X, v)
             return b.flatten(pullback(loss.output_hessian_vp(b, z, y, Jv)))
 
         return weight * map_columns(b, column, V)
