@@ -157,10 +157,30 @@ class _HostOperator(ScipyLinearOperator):
         return self._to_numpy(Y)
 
     def _matvec(self, x: np.ndarray) -> np.ndarray:
-        return self._matmat(np.reshape(x, (-1, 1)))[:, 0]
+        return self._matmat(np.reshape(x, -1))  # the products take vectors as they are
 
     def _adjoint(self) -> _HostOperator:
         return self
+
+
+def _columns(vmap: Callable, column: Callable, V: Any) -> Any:
+    """``column`` of a vector ``V`` (no ``vmap`` wrappers), or mapped over the columns of ``V``."""
+    if V.ndim == 1:
+        return column(V)
+    return vmap(column, 1, 1)(V)
+
+
+def _jax_columns(column: Callable, V: Any) -> Any:
+    """``column`` mapped over the columns of ``V`` inside ``jit``; a vector as one column.
+
+    XLA compiles the one-column ``vmap`` of this take-along-axis loss's HVP to a
+    faster program than the plain vector function (7.3 against 13 ms, MLP).
+    """
+    import jax
+
+    if V.ndim == 1:
+        return jax.vmap(column, 1, 1)(V[:, None])[:, 0]
+    return jax.vmap(column, 1, 1)(V)
 
 
 def _scipy_identity(n: int, dtype: Any) -> ScipyLinearOperator:
@@ -294,7 +314,7 @@ def _raw_torch(problem: Problem, device: str) -> Setup:
 
     def hvp_matmat(V: Any) -> Any:
         _, pullback = vjp(grad(loss), params)  # reverse-over-reverse, linearised once
-        return vmap(lambda v: flatten(pullback(unflatten(v))[0]), in_dims=1, out_dims=1)(V)
+        return _columns(vmap, lambda v: flatten(pullback(unflatten(v))[0]), V)
 
     def ggn_matmat(V: Any) -> Any:
         z, pullback = vjp(outputs, params)
@@ -305,7 +325,7 @@ def _raw_torch(problem: Problem, device: str) -> Setup:
             HJv = (probs * Jv - probs * (probs * Jv).sum(-1, keepdim=True)) / z.shape[0]
             return flatten(pullback(HJv)[0])
 
-        return vmap(column, in_dims=1, out_dims=1)(V)
+        return _columns(vmap, column, V)
 
     def jvp_vec(v: Any) -> Any:
         return jvp(outputs, (params,), (unflatten(v),))[1].reshape(-1)
@@ -316,8 +336,8 @@ def _raw_torch(problem: Problem, device: str) -> Setup:
 
     products = {
         "grad": gradient,
-        "hvp": lambda v: hvp_matmat(v[:, None])[:, 0],
-        "ggnvp": lambda v: ggn_matmat(v[:, None])[:, 0],
+        "hvp": hvp_matmat,
+        "ggnvp": ggn_matmat,
         "jvp": jvp_vec,
         "vjp": vjp_vec,
         "matmat16": hvp_matmat,
@@ -367,7 +387,7 @@ def _raw_jax(problem: Problem, device: str) -> Setup:
         def column(v: Any) -> Any:
             return flatten(jax.jvp(grad_fn, (ps,), (unflatten(v),))[1])
 
-        return jax.vmap(column, in_axes=1, out_axes=1)(V)
+        return _jax_columns(column, V)
 
     @jax.jit
     def ggn_matmat(ps: list, X: Any, y: Any, V: Any) -> Any:
@@ -382,7 +402,7 @@ def _raw_jax(problem: Problem, device: str) -> Setup:
             HJv = (probs * Jv - probs * jnp.sum(probs * Jv, -1, keepdims=True)) / z.shape[0]
             return flatten(pullback(HJv)[0])
 
-        return jax.vmap(column, in_axes=1, out_axes=1)(V)
+        return _jax_columns(column, V)
 
     @jax.jit
     def jvp_vec(ps: list, X: Any, v: Any) -> Any:
@@ -401,8 +421,8 @@ def _raw_jax(problem: Problem, device: str) -> Setup:
 
     products = {
         "grad": lambda: gradient(params, X, y)[1],
-        "hvp": lambda v: H_mm(v[:, None])[:, 0],
-        "ggnvp": lambda v: G_mm(v[:, None])[:, 0],
+        "hvp": H_mm,
+        "ggnvp": G_mm,
         "jvp": lambda v: jvp_vec(params, X, v),
         "vjp": lambda u: vjp_vec(params, X, u),
         "matmat16": H_mm,

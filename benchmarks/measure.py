@@ -1,16 +1,21 @@
 """Timing, peak memory, thread settings and machine facts.
 
 Peak memory on the CPU is the growth of the process's resident set size (RSS)
-during one call, sampled every 2 ms by a background thread (psutil when installed, else
-``/proc/self/statm``, else the ``ru_maxrss`` high-water mark of
-``resource.getrusage``). ``tracemalloc`` is blind to the frameworks'
+during one call. On Linux the kernel keeps the peak itself: writing ``5`` to
+``/proc/self/clear_refs`` resets the high-water mark ``VmHWM`` of
+``/proc/self/status`` to the current RSS, and ``VmHWM`` after the call is the
+exact peak, with nothing running beside the call. Elsewhere a background
+thread samples the RSS every 2 ms (psutil, else ``/proc/self/statm``), else
+the ``ru_maxrss`` high-water mark of ``resource.getrusage`` is used; a
+sampler wakes beside the timed run and can take a core from the framework's
+thread team on a 2-core machine. ``tracemalloc`` is blind to the frameworks'
 allocators; RSS is not. Allocators keep freed memory for reuse, so a repeated
 call would show no growth: before the baseline is read, garbage is collected
 and glibc returns its free pages to the system (``malloc_trim(0)``); the
 allocator's settings are not changed. Products get one extra, untimed call for
-memory; eigsh, trace and CG are sampled during their first timed run (the
-sampler costs well under 1%). On CUDA the frameworks' own peak counters are
-used instead.
+memory; eigsh, trace and CG are measured during their first timed run, which
+is why that needs the kernel's peak rather than a sampler. On CUDA the
+frameworks' own peak counters are used instead.
 """
 
 from __future__ import annotations
@@ -58,7 +63,34 @@ def rss_bytes() -> int:
         return 0
 
 
+def _high_water_mark_bytes() -> int | None:
+    """The kernel's peak RSS since the last reset (``VmHWM``), None where not offered."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _reset_high_water_mark() -> bool:
+    """Set ``VmHWM`` to the current RSS (Linux ≥ 4.0); False where that is refused."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+_KERNEL_PEAK = _high_water_mark_bytes() is not None and _reset_high_water_mark()
+
+
 def rss_method() -> str:
+    if _KERNEL_PEAK:
+        return "kernel RSS high-water mark (VmHWM reset through /proc/self/clear_refs)"
     if _PROCESS is not None:
         return "psutil RSS sampled every 2 ms"
     if os.path.exists("/proc/self/statm"):
@@ -111,6 +143,8 @@ class MemoryProbe:
         return self._cpu(call)
 
     def _cpu(self, call: Callable[[], Any]) -> float | None:
+        if _KERNEL_PEAK:
+            return self._kernel_peak(call)
         if _PROCESS is None and not os.path.exists("/proc/self/statm"):
             before = _maxrss_bytes()
             call()
@@ -133,6 +167,14 @@ class MemoryProbe:
             thread.join()
         peak[0] = max(peak[0], rss_bytes())
         return (peak[0] - baseline) / 2**20
+
+    @staticmethod
+    def _kernel_peak(call: Callable[[], Any]) -> float | None:
+        baseline = rss_bytes()
+        _reset_high_water_mark()
+        call()
+        peak = _high_water_mark_bytes()
+        return None if peak is None else (max(peak, baseline) - baseline) / 2**20
 
     def _cuda(self, call: Callable[[], Any]) -> float | None:
         if self.framework == "torch":

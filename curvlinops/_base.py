@@ -52,6 +52,14 @@ class LinearOperator(ScipyLinearOperator):
         """``A @ X`` (or ``Aᴴ @ X``) for a native 2-d array ``X``."""
         raise NotImplementedError
 
+    def _native_vector(self, x: Any, adjoint: bool) -> Any:
+        """``A @ x`` for a native 1-d array; overridden where a vector needs no column axis.
+
+        With JAX every reshape outside a compiled function is a dispatch and a
+        copy (80-320 µs for 270k entries, about 10% of a Jacobian product).
+        """
+        return self._native(x.reshape(x.shape[0], 1), adjoint).reshape(-1)
+
     # scipy's private entry points, for code that calls them directly.
     def _matvec(self, x: Any) -> Any:
         return self.matvec(x)
@@ -186,8 +194,7 @@ class LinearOperator(ScipyLinearOperator):
         X, shared = b.import_array(x, argument)
         if library_of(x) == "numpy" and _blas_guard.on_cpu(b):
             _blas_guard.hold()  # a scipy solver drives us: its BLAS threads off our cores
-        Y = self._native(X if X.ndim == 2 else X[:, None], adjoint)
-        Y = Y if x.ndim == 2 else Y[:, 0]
+        Y = self._native(X, adjoint) if X.ndim == 2 else self._native_vector(X, adjoint)
         self._check_finite(Y)
         if shared:
             # x's memory is read by the backend: finish before the caller may change it
@@ -229,7 +236,7 @@ class LinearOperator(ScipyLinearOperator):
             for i, leaf in enumerate(leaves)
         ]
         X = b.concat(flat, axis=0)
-        Y = self._native(X if K is not None else X[:, None], adjoint)
+        Y = self._native(X, adjoint) if K is not None else self._native_vector(X, adjoint)
         self._check_finite(Y)
         Y = b.block_until_ready(Y)
 
@@ -239,7 +246,7 @@ class LinearOperator(ScipyLinearOperator):
             return export_like(block, like, out_dtype, b.to_numpy)
 
         if not params_out:
-            return hand_back(Y[:, 0] if K is None else Y)
+            return hand_back(Y)
         pieces, start = [], 0
         for shape in b.param_shapes:
             size = int(np.prod(shape, dtype=int))
@@ -278,6 +285,10 @@ class _ScaledOperator(LinearOperator):
         alpha = np.conj(self.alpha) if adjoint else self.alpha
         return alpha * self.A._native(X, adjoint)
 
+    def _native_vector(self, x: Any, adjoint: bool) -> Any:
+        alpha = np.conj(self.alpha) if adjoint else self.alpha
+        return alpha * self.A._native_vector(x, adjoint)
+
 
 class _SumOperator(LinearOperator):
     def __init__(self, A: Any, B: Any) -> None:
@@ -293,6 +304,9 @@ class _SumOperator(LinearOperator):
 
     def _native(self, X: Any, adjoint: bool) -> Any:
         return self.A._native(X, adjoint) + self.B._native(X, adjoint)
+
+    def _native_vector(self, x: Any, adjoint: bool) -> Any:
+        return self.A._native_vector(x, adjoint) + self.B._native_vector(x, adjoint)
 
 
 class _ProductOperator(LinearOperator):
@@ -312,6 +326,11 @@ class _ProductOperator(LinearOperator):
             return self.B._native(self.A._native(X, True), True)
         return self.A._native(self.B._native(X, False), False)
 
+    def _native_vector(self, x: Any, adjoint: bool) -> Any:
+        if adjoint:
+            return self.B._native_vector(self.A._native_vector(x, True), True)
+        return self.A._native_vector(self.B._native_vector(x, False), False)
+
 
 class _AdjointOperator(LinearOperator):
     def __init__(self, A: LinearOperator) -> None:
@@ -322,6 +341,9 @@ class _AdjointOperator(LinearOperator):
 
     def _native(self, X: Any, adjoint: bool) -> Any:
         return self.A._native(X, not adjoint)
+
+    def _native_vector(self, x: Any, adjoint: bool) -> Any:
+        return self.A._native_vector(x, not adjoint)
 
     def _adjoint(self) -> LinearOperator:
         return self.A
@@ -394,6 +416,8 @@ class IdentityLinearOperator(LinearOperator):
 
     def _native(self, X: Any, adjoint: bool) -> Any:
         return _copy_in_own_library(X)
+
+    _native_vector = _native
 
 
 # --- helpers --------------------------------------------------------------------

@@ -40,6 +40,7 @@ class _DiagonalProducts:
     """Products, diagonal and inverse of an operator that is a diagonal matrix."""
 
     backend: Any
+    _vector_products = False  # a GGN diagonal must not take the Fisher's vector path
 
     def _diagonal_native(self) -> Any:
         raise NotImplementedError

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from curvlinops._checks import type_error, value_error
-from curvlinops._curvature import CurvatureOperator, outputs_with_jvp
+from curvlinops._curvature import CurvatureOperator, map_columns, outputs_with_jvp
 
 __all__ = ["EFLinearOperator", "FisherMCLinearOperator"]
 
@@ -38,6 +38,7 @@ class _GradientMomentOperator(CurvatureOperator):
 
     is_symmetric = True
     _params_in = _params_out = True
+    _vector_products = True
 
     def __init__(self, model_func: Any, loss_func: Any, params: Any, data: Any, **options: Any):
         self._output_shapes: dict[int, tuple[int, ...]] = {}
@@ -74,7 +75,7 @@ class _GradientMomentOperator(CurvatureOperator):
             scale = loss.normalization(z) / G.shape[0]
             return b.flatten(pullback(scale * b.xp.sum(G * inner, axis=0)))
 
-        return weight * b.vmap(column, in_axes=1, out_axes=1)(V)
+        return weight * map_columns(b, column, V)
 
     # --- diagonal -----------------------------------------------------------------
     def diagonal(self) -> Any:

@@ -89,7 +89,7 @@ class _GradientOperator(CurvatureOperator):
 
     def gradient_and_loss(self) -> tuple[Any, Any]:
         b = self.backend
-        step = b.compile(self._batch_gradient_and_loss, data_args=(1, 2))
+        step = self._compiled("_batch_gradient_and_loss")
         gradient, loss = b.zeros((self.num_params,)), b.zeros(())
         for _, X, y, n in self._batches("gradient_and_loss"):
             if n == 0:  # an empty batch (shard) adds nothing

@@ -61,6 +61,7 @@ class HessianLinearOperator(CurvatureOperator):
 
     is_symmetric = True
     _params_in = _params_out = True
+    _vector_products = True
 
     def __init__(self, model_func: Any, loss_func: Any, params: Any, data: Any, **options: Any):
         super().__init__(model_func, loss_func, params, data, **options)

@@ -46,6 +46,7 @@ class JacobianLinearOperator(CurvatureOperator):
 
     _needs_loss = False
     _params_in = True
+    _vector_products = True
 
     def __init__(self, model_func: Any, params: Any, data: Any, **options: Any):
         super().__init__(model_func, None, params, data, **options)
@@ -60,13 +61,16 @@ class JacobianLinearOperator(CurvatureOperator):
                 self._compiled_matmat(primals, X, y, V, 1.0)
                 for _, X, y, _ in self._batches("JacobianLinearOperator product")
             ]
+            if len(blocks) == 1:  # a concatenation would copy (and, in JAX, dispatch)
+                return blocks[0]
             # A process with an empty data shard has no rows.
-            return b.concat(blocks, axis=0) if blocks else b.zeros((0, V.shape[1]))
-        result, start = None, 0
+            return b.concat(blocks, axis=0) if blocks else b.zeros((0, *V.shape[1:]))
+        result, start, whole = None, 0, len(self._output_sizes) == 1
         for (_, X, y, _), rows in zip(
             self._batches("TransposedJacobianLinearOperator product"), self._output_sizes
         ):
-            term = self._compiled_rmatmat(primals, X, y, V[start : start + rows], 1.0)
+            U = V if whole else V[start : start + rows]
+            term = self._compiled_rmatmat(primals, X, y, U, 1.0)
             result = term if result is None else result + term
             start += rows
         return result
@@ -114,6 +118,9 @@ class TransposedJacobianLinearOperator(LinearOperator):
 
     def _native(self, X: Any, adjoint: bool) -> Any:
         return self.jacobian._native(X, not adjoint)
+
+    def _native_vector(self, x: Any, adjoint: bool) -> Any:
+        return self.jacobian._native_vector(x, not adjoint)
 
     def _adjoint(self) -> LinearOperator:
         return self.jacobian

@@ -8,6 +8,7 @@ jit-compiled with parameters and data as arguments.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -249,8 +250,16 @@ class JaxBackend:
     def vmap(self, f: Callable, in_axes: Any = 0, out_axes: Any = 0) -> Callable:
         return jax.vmap(f, in_axes=in_axes, out_axes=out_axes)
 
-    def compile(self, f: Callable, data_args: tuple[int, ...] = ()) -> Callable:
+    compiles = True
+
+    def compile(
+        self, f: Callable, data_args: tuple[int, ...] = (), static_args: tuple[int, ...] = ()
+    ) -> Callable | None:
         sharding = self._sharding
+        if static_args:
+            if sharding is not None:
+                return None  # the mesh is part of the compiled function: not shared
+            return _shared_jit(f, static_args, self.device)
         if sharding is None:
             return _committed_to(jax.jit(f), self.device)
         if not data_args:
@@ -282,6 +291,12 @@ class JaxBackend:
         return SingleProcess()
 
 
+@functools.cache
+def _shared_jit(f: Callable, static_args: tuple[int, ...], device: Any) -> Callable:
+    """One ``jax.jit`` of ``f`` per device: its compilations are cached across callers."""
+    return _committed_to(jax.jit(f, static_argnums=static_args), device)
+
+
 def _committed_to(jitted: Callable, device: Any) -> Callable:
     """Call ``jitted`` with its concrete array arguments committed to ``device``.
 
@@ -296,7 +311,9 @@ def _committed_to(jitted: Callable, device: Any) -> Callable:
         return a
 
     def call(*args: Any) -> Any:
-        return jitted(*jax.tree_util.tree_map(commit, args))
+        # Top-level arguments only: parameters and data are committed when imported,
+        # and a walk over the parameter tree costs more than the check it saves.
+        return jitted(*(commit(a) for a in args))
 
     return call
 

@@ -129,11 +129,19 @@ class Backend(Protocol):
     def vmap(self, f: Callable, in_axes: Any = 0, out_axes: Any = 0) -> Callable:
         """Vectorise ``f`` over an axis of its arguments."""
 
-    def compile(self, f: Callable, data_args: tuple[int, ...] = ()) -> Callable:
+    compiles: bool
+    """Whether :meth:`compile` compiles (JAX) or hands ``f`` back (PyTorch)."""
+
+    def compile(
+        self, f: Callable, data_args: tuple[int, ...] = (), static_args: tuple[int, ...] = ()
+    ) -> Callable | None:
         """Compile ``f`` (``jax.jit``; identity for PyTorch).
 
         ``data_args`` are the positions of ``f``'s arguments that hold a data
         batch: a data-parallel JAX backend splits them over its device mesh.
+        ``static_args`` are hashable arguments compiled in (``static_argnums``);
+        with them, the compiled function is shared by every backend object on
+        the same device, or ``None`` where the backend cannot share it.
         """
 
     # --- data parallelism -------------------------------------------------
