@@ -72,7 +72,12 @@ class HessianLinearOperator(CurvatureOperator):
         def batch_loss(p: Any) -> Any:
             return loss.value(b, model(p, X), y)
 
-        hvp = b.hvp_fn(batch_loss, primals)
+        def one(v: Any) -> Any:
+            return b.flatten(b.hvp(batch_loss, primals, b.unflatten(v)))
+
+        if V.ndim == 1 or V.shape[1] == 1:  # no vmap: the backend's fastest single product
+            return weight * map_columns(b, one, V)
+        hvp = b.hvp_fn(batch_loss, primals)  # linearised once for all columns
 
         def column(v: Any) -> Any:
             return b.flatten(hvp(b.unflatten(v)))

@@ -247,6 +247,9 @@ class JaxBackend:
         grad_f = jax.grad(f)
         return lambda v: jax.jvp(grad_f, (primal,), (v,))[1]
 
+    def hvp(self, f: Callable, primal: Any, v: Any) -> Any:
+        return self.hvp_fn(f, primal)(v)
+
     def vmap(self, f: Callable, in_axes: Any = 0, out_axes: Any = 0) -> Callable:
         return jax.vmap(f, in_axes=in_axes, out_axes=out_axes)
 
