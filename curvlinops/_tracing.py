@@ -56,9 +56,7 @@ def compiled_method(op: Any, name: str, data_args: tuple[int, ...]) -> Callable:
         state = _TraceState(op, name)
     except _Unshareable:
         return b.compile(method, data_args=data_args)
-    shared = b.compile(
-        _call_method, data_args=tuple(i + 1 for i in data_args), static_args=(0,)
-    )
+    shared = b.compile(_call_method, data_args=tuple(i + 1 for i in data_args), static_args=(0,))
     if shared is None:  # the backend does not share (e.g. data sharded over a mesh)
         return b.compile(method, data_args=data_args)
     return functools.partial(shared, state)
