@@ -122,6 +122,9 @@ def worker(scenario: str, rank: int, world: int, port: int, out: Path) -> None:
     if world == 3:
         results.update(subgroup(model, X, y, batches, rank))
     np.savez(out / f"rank{rank}.npz", **results)
+    # Rank 0 hosts the TCP store: tearing down before the others are done aborted
+    # it now and then ("terminate called without an active exception").
+    dist.barrier()
     dist.destroy_process_group()
 
 

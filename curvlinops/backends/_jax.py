@@ -31,6 +31,7 @@ from curvlinops.backends._arrays import (
 )
 from curvlinops.backends._distributed import LOCAL, SingleProcess
 from curvlinops.backends._distributed_jax import BatchSharding, gather_global
+from curvlinops.backends._protocol import single_cotangent
 
 __all__ = ["JaxBackend", "x64_enabled"]
 
@@ -240,7 +241,7 @@ class JaxBackend:
 
     def vjp(self, f: Callable, *primals: Any, has_aux: bool = False) -> tuple[Any, ...]:
         out, pullback, *aux = jax.vjp(f, *primals, has_aux=has_aux)
-        return (out, _single(pullback) if len(primals) == 1 else pullback, *aux)
+        return (out, single_cotangent(pullback) if len(primals) == 1 else pullback, *aux)
 
     def hvp_fn(self, f: Callable, primal: Any) -> Callable[[Any], Any]:
         # Forward-over-reverse; XLA fuses it well (benchmarks/README.md).
@@ -319,11 +320,6 @@ def _committed_to(jitted: Callable, device: Any) -> Callable:
         return jitted(*(commit(a) for a in args))
 
     return call
-
-
-def _single(pullback: Callable) -> Callable:
-    """A pullback of a one-argument function, returning that argument's cotangent."""
-    return lambda u: pullback(u)[0]
 
 
 def _import_param(name: str, leaf: Any) -> jax.Array:

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-__all__ = ["Backend"]
+__all__ = ["Backend", "single_cotangent"]
 
 
 class Backend(Protocol):
@@ -156,3 +156,12 @@ class Backend(Protocol):
         :class:`~curvlinops.backends._distributed.Communicator`; the identity
         in one process, and for JAX, where XLA inserts the sums over devices.
         """
+
+
+def single_cotangent(pullback: Callable) -> Callable:
+    """The pullback of a one-argument function, returning that argument's cotangent.
+
+    Both frameworks' ``vjp`` return a tuple of cotangents, one per primal;
+    :meth:`Backend.vjp` hands back the one cotangent itself.
+    """
+    return lambda u: pullback(u)[0]

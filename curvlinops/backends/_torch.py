@@ -31,6 +31,7 @@ from curvlinops.backends._arrays import (
     real_numeric,
 )
 from curvlinops.backends._distributed_torch import torch_communicator
+from curvlinops.backends._protocol import single_cotangent
 
 __all__ = ["TorchBackend"]
 
@@ -168,7 +169,7 @@ class TorchBackend:
 
     def vjp(self, f: Callable, *primals: Any, has_aux: bool = False) -> tuple[Any, ...]:
         out, pullback, *aux = vjp(f, *primals, has_aux=has_aux)
-        return (out, _single(pullback) if len(primals) == 1 else pullback, *aux)
+        return (out, single_cotangent(pullback) if len(primals) == 1 else pullback, *aux)
 
     def hvp_fn(self, f: Callable, primal: Any) -> Callable[[Any], Any]:
         # Reverse-over-reverse: on CPU it beat forward-over-reverse
@@ -177,7 +178,7 @@ class TorchBackend:
         return lambda v: pullback(v)[0]
 
     def hvp(self, f: Callable, primal: Any, v: Any) -> Any:
-        # Plain autograd's double backward, 5-13% faster than torch.func's for one
+        # Plain autograd's double backward, 2-13% faster than torch.func's for one
         # vector (benchmarks/README.md); it cannot run under torch.func transforms.
         if (
             torch.is_inference_mode_enabled()
@@ -217,11 +218,6 @@ def _under_torch_func(*tensors: tuple) -> bool:
     """Whether a tensor in ``tensors`` (tuples) is wrapped by torch.func (vmap, grad)."""
     wrapped = torch._C._functorch.is_functorch_wrapped_tensor
     return any(wrapped(t) for group in tensors for t in group)
-
-
-def _single(pullback: Callable) -> Callable:
-    """A pullback of a one-argument function, returning that argument's cotangent."""
-    return lambda u: pullback(u)[0]
 
 
 def _from_host(x: Any, argument: str) -> tuple[torch.Tensor, bool]:
