@@ -69,7 +69,7 @@ def _call_method(state: _TraceState, *args: Any) -> Any:
 class _TraceState:
     """An operator without arrays, equal to another when their products trace alike."""
 
-    __slots__ = ("key", "name", "view")
+    __slots__ = ("_hash", "key", "name", "view")
 
     def __init__(self, op: Any, name: str) -> None:
         view = object.__new__(type(op))  # no __new__/__init__ logic: a plain copy
@@ -82,9 +82,10 @@ class _TraceState:
         view.backend = backend
         self.view, self.name = view, name
         self.key = (type(op), name, _token(vars(view), 0))
+        self._hash = hash(self.key)  # jit hashes its static argument on every call
 
     def __hash__(self) -> int:
-        return hash(self.key)
+        return self._hash
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, _TraceState) and self.key == other.key
