@@ -91,3 +91,43 @@ def _assert_leaf_close(a: Any, e: Any, rtol: float | None, name: str, worst: int
             f"expected={e_np[index]!r} |error|={error[index]:.3g} allowed={allowed[index]:.3g}"
         )
     raise AssertionError("\n".join(lines))
+
+
+def run_processes(commands: list[list[str]], env: dict, timeout: float, what: str) -> None:
+    """Start one process per command, wait at most ``timeout`` s in all; fail with their logs.
+
+    Used by the multi-process tests: every process must exit with status 0.
+    """
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import pytest
+
+    root = Path(__file__).resolve().parents[1]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, *command],
+            cwd=root,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for command in commands
+    ]
+    deadline = time.monotonic() + timeout
+    logs = []
+    for proc in procs:
+        try:
+            logs.append(proc.communicate(timeout=max(deadline - time.monotonic(), 1))[1])
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            logs.append(proc.communicate()[1] + "\n(killed: timeout)")
+    failed = [i for i, proc in enumerate(procs) if proc.returncode != 0]
+    if failed:
+        report = "\n".join(
+            f"--- process {i} (exit {procs[i].returncode}):\n{logs[i][-3000:]}" for i in failed
+        )
+        pytest.fail(f"{what}: processes {failed} failed\n{report}")

@@ -13,9 +13,7 @@ from __future__ import annotations
 import functools
 import os
 import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -151,29 +149,10 @@ def run(args: list[str], out: Path, world: int = 1, devices: int = 1) -> None:
         PYTHONPATH=str(ROOT),
         OMP_NUM_THREADS="1",
     )
-    procs = [
-        subprocess.Popen(
-            [sys.executable, __file__, *[a.format(rank=r) for a in args], str(out)],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for r in range(world)
-    ]
-    deadline = time.monotonic() + PROCESS_TIMEOUT_S
-    logs = []
-    for proc in procs:
-        try:
-            logs.append(proc.communicate(timeout=max(deadline - time.monotonic(), 1))[1])
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            logs.append(proc.communicate()[1] + "\n(killed: timeout)")
-    failed = [r for r, proc in enumerate(procs) if proc.returncode != 0]
-    if failed:
-        report = "\n".join(f"--- process {r}:\n{logs[r][-3000:]}" for r in failed)
-        pytest.fail(f"{args[0]}: processes {failed} failed\n{report}")
+    from helpers import run_processes  # tests/ is importable under pytest only
+
+    commands = [[__file__, *[a.format(rank=r) for a in args], str(out)] for r in range(world)]
+    run_processes(commands, env, PROCESS_TIMEOUT_S, args[0])
 
 
 @functools.cache

@@ -12,7 +12,6 @@ import datetime
 import functools
 import os
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -187,32 +186,11 @@ def spawn(scenario: str, world: int, out: Path) -> None:
     """Run ``world`` worker processes; fail on a timeout or an error, showing their logs."""
     port = free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    command = [sys.executable, __file__, scenario, "{rank}", str(world), str(port), str(out)]
-    procs = [
-        subprocess.Popen(
-            [arg.format(rank=rank) for arg in command],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for rank in range(world)
-    ]
-    deadline = time.monotonic() + PROCESS_TIMEOUT_S
-    logs = []
-    for proc in procs:
-        try:
-            logs.append(proc.communicate(timeout=max(deadline - time.monotonic(), 1))[1])
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            logs.append(proc.communicate()[1] + "\n(killed: timeout)")
-    failed = [rank for rank, proc in enumerate(procs) if proc.returncode != 0]
-    if failed:
-        report = "\n".join(
-            f"--- rank {r} (exit {procs[r].returncode}):\n{logs[r][-3000:]}" for r in failed
-        )
-        pytest.fail(f"{scenario} with {world} processes: ranks {failed} failed\n{report}")
+    from helpers import run_processes  # tests/ is importable under pytest only
+
+    command = [__file__, scenario, "{rank}", str(world), str(port), str(out)]
+    commands = [[arg.format(rank=rank) for arg in command] for rank in range(world)]
+    run_processes(commands, env, PROCESS_TIMEOUT_S, f"{scenario} with {world} processes")
 
 
 @functools.cache

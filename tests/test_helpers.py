@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from helpers import assert_close, tolerance
+from helpers import assert_close, run_processes, tolerance
 
 
 def test_passes_within_tolerance():
@@ -61,3 +61,13 @@ def test_accepts_framework_arrays():
     assert_close(torch.tensor(a, requires_grad=True) * 1.0, jnp.asarray(a))
     with pytest.raises(AssertionError):
         assert_close(torch.tensor(a + 1.0), jnp.asarray(a))
+
+
+def test_run_processes_reports_a_failing_process():
+    import os
+
+    ok, bad = ["-c", "pass"], ["-c", "import sys; print('boom', file=sys.stderr); sys.exit(3)"]
+    run_processes([ok, ok], dict(os.environ), 30, "two good ones")
+    expected = r"processes \[1\] failed[\s\S]*exit 3[\s\S]*boom"
+    with pytest.raises(pytest.fail.Exception, match=expected):
+        run_processes([ok, bad], dict(os.environ), 30, "one bad one")
