@@ -21,7 +21,7 @@ Each contender runs ``--repeats`` times, interleaved; the table shows the
 median and the minimum in seconds, the number of Hessian-vector products, and
 the largest relative difference of the eigenvalues from scipy's.
 
-Run: ``.venv/bin/python benchmarks/bench_eigsh.py [--threads 2] [--repeats 3] [--no-guard]``
+Run: ``.venv/bin/python -m benchmarks.bench_eigsh [--threads 2] [--repeats 3] [--no-guard]``
 """
 
 from __future__ import annotations
@@ -36,66 +36,30 @@ import numpy as np
 K = 5
 
 
-def build_data(seed: int = 0):
-    rng = np.random.default_rng(seed)
-    sizes = [784, 256, 256, 10]
-    weights = []
-    for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
-        weights.append(
-            (rng.standard_normal((fan_out, fan_in)) / np.sqrt(fan_in)).astype(np.float32)
-        )
-        weights.append((0.1 * rng.standard_normal(fan_out)).astype(np.float32))
-    X = rng.standard_normal((1024, 784)).astype(np.float32)
-    y = rng.integers(0, 10, size=1024)
-    return weights, X, y
-
-
-def torch_hessian(weights, X, y):
-    import torch
-
+def hessian(framework: str):
+    """The Hessian of the suite's MLP problem (``benchmarks/problems.py``) in one framework."""
     import curvlinops as cl
+    from benchmarks.problems import make_problem
 
-    model = torch.nn.Sequential(
-        torch.nn.Linear(784, 256),
-        torch.nn.Tanh(),
-        torch.nn.Linear(256, 256),
-        torch.nn.Tanh(),
-        torch.nn.Linear(256, 10),
-    )
-    with torch.no_grad():
-        for p, w in zip(model.parameters(), weights):
-            p.copy_(torch.from_numpy(w))
-    data = [(torch.from_numpy(X), torch.from_numpy(y))]
-    return cl.HessianLinearOperator(
-        model, torch.nn.CrossEntropyLoss(), list(model.parameters()), data
-    )
-
-
-def jax_hessian(weights, X, y):
-    import jax.numpy as jnp
-
-    import curvlinops as cl
-
-    def mlp(p, x):
-        w1, b1, w2, b2, w3, b3 = p
-        h = jnp.tanh(x @ w1.T + b1)
-        h = jnp.tanh(h @ w2.T + b2)
-        return h @ w3.T + b3
-
-    params = [jnp.asarray(w) for w in weights]
-    return cl.HessianLinearOperator(mlp, cl.losses.CrossEntropyLoss(), params, [(X, y)])
+    problem = make_problem("mlp")
+    fp = problem.torch() if framework == "torch" else problem.jax()
+    return cl.HessianLinearOperator(fp.model_func, fp.loss_func, fp.params, fp.data)
 
 
 def count_products(H) -> list[int]:
     """Count the columns that go through ``H`` (patches this instance only)."""
     counter = [0]
-    native = H._native
+    native, native_vector = H._native, H._native_vector
 
     def counted(X, adjoint):
         counter[0] += X.shape[1]
         return native(X, adjoint)
 
-    H._native = counted
+    def counted_vector(x, adjoint):  # scipy's matvec
+        counter[0] += 1
+        return native_vector(x, adjoint)
+
+    H._native, H._native_vector = counted, counted_vector
     return counter
 
 
@@ -170,16 +134,13 @@ def main() -> None:
         "XLA_FLAGS",
         f"--xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={args.threads}",
     )
-    weights, X, y = build_data()
     rows = []
     for name in args.backends.split(","):
         if name == "torch":
             import torch
 
             torch.set_num_threads(args.threads)
-            H = torch_hessian(weights, X, y)
-        else:
-            H = jax_hessian(weights, X, y)
+        H = hessian(name)
         rows += run_backend(name, H, args.repeats, guard=not args.no_guard)
     print(f"eigsh(k={K}) of the Hessian, P = {H.shape[0]}, {args.threads} threads\n")
     print("| backend | contender | median s | min s | products | max rel. diff. vs first |")
