@@ -4,7 +4,7 @@ MLP 784-256-256-10, tanh, cross-entropy, batch 1024, float32, on CPU with a
 fixed thread count. Every timing is the minimum over repeats of a block of
 calls, interleaved across contenders so that background load hits them alike.
 
-Run: ``.venv/bin/python benchmarks/bench_core.py [--threads 2] [--repeats 7]``
+Run: ``.venv/bin/python -m benchmarks.bench_core [--threads 2] [--repeats 7]``
 """
 
 from __future__ import annotations
@@ -14,20 +14,6 @@ import os
 import time
 
 import numpy as np
-
-
-def build_data(seed: int = 0):
-    rng = np.random.default_rng(seed)
-    sizes = [784, 256, 256, 10]
-    weights = []
-    for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
-        weights.append(
-            (rng.standard_normal((fan_out, fan_in)) / np.sqrt(fan_in)).astype(np.float32)
-        )
-        weights.append((0.1 * rng.standard_normal(fan_out)).astype(np.float32))
-    X = rng.standard_normal((1024, 784)).astype(np.float32)
-    y = rng.integers(0, 10, size=1024)
-    return weights, X, y
 
 
 def timeit(fn, number: int) -> float:
@@ -48,29 +34,18 @@ def measure(contenders: dict, repeats: int, number: int) -> dict:
     return best
 
 
-def torch_contenders(weights, X, y):
+def torch_contenders(problem):
     import torch
     from torch.func import functional_call, grad, jvp, vjp
 
     import curvlinops as cl
 
-    model = torch.nn.Sequential(
-        torch.nn.Linear(784, 256),
-        torch.nn.Tanh(),
-        torch.nn.Linear(256, 256),
-        torch.nn.Tanh(),
-        torch.nn.Linear(256, 10),
-    )
-    with torch.no_grad():
-        for p, w in zip(model.parameters(), weights):
-            p.copy_(torch.from_numpy(w))
-    params = list(model.parameters())
+    fp = problem.torch()
+    model, params, loss_func = fp.model_func, fp.params, fp.loss_func
     names = [n for n, _ in model.named_parameters()]
-    Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
-    loss_func = torch.nn.CrossEntropyLoss()
-    data = [(Xt, yt)]
-    H = cl.HessianLinearOperator(model, loss_func, params, data)
-    G = cl.GGNLinearOperator(model, loss_func, params, data)
+    Xt, yt = fp.data[0]
+    H = cl.HessianLinearOperator(model, loss_func, params, fp.data)
+    G = cl.GGNLinearOperator(model, loss_func, params, fp.data)
     P = H.shape[0]
     v = torch.randn(P)
     V = torch.randn(P, 16)
@@ -130,28 +105,22 @@ def torch_contenders(weights, X, y):
     }
 
 
-def jax_contenders(weights, X, y):
+def jax_contenders(problem):
     import jax
     import jax.numpy as jnp
 
     import curvlinops as cl
 
-    params = [jnp.asarray(w) for w in weights]
-
-    def mlp(p, x):
-        w1, b1, w2, b2, w3, b3 = p
-        h = jnp.tanh(x @ w1.T + b1)
-        h = jnp.tanh(h @ w2.T + b2)
-        return h @ w3.T + b3
+    fp = problem.jax()
+    mlp, params = fp.forward, fp.params
 
     def loss(p, x, t):
         z = mlp(p, x)
         return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(z), t[:, None], 1))
 
-    Xj, yj = jnp.asarray(X), jnp.asarray(y)
-    data = [(X, y)]
-    H = cl.HessianLinearOperator(mlp, cl.losses.CrossEntropyLoss(), params, data)
-    G = cl.GGNLinearOperator(mlp, cl.losses.CrossEntropyLoss(), params, data)
+    Xj, yj = fp.data[0]
+    H = cl.HessianLinearOperator(mlp, fp.loss_func, params, fp.data)
+    G = cl.GGNLinearOperator(mlp, fp.loss_func, params, fp.data)
     P = H.shape[0]
     rng = np.random.default_rng(1)
     v_np = rng.standard_normal(P).astype(np.float32)
@@ -202,16 +171,18 @@ def main() -> None:
         "XLA_FLAGS",
         f"--xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={args.threads}",
     )
-    weights, X, y = build_data()
+    from benchmarks.problems import make_problem
+
+    problem = make_problem("mlp")  # the suite's MLP: same weights and data in both frameworks
     print("| backend | operation | ms | ratio to gradient |\n|---|---|---:|---:|")
     for name in args.backends.split(","):
         if name == "torch":
             import torch
 
             torch.set_num_threads(args.threads)
-            contenders = torch_contenders(weights, X, y)
+            contenders = torch_contenders(problem)
         else:
-            contenders = jax_contenders(weights, X, y)
+            contenders = jax_contenders(problem)
         times = measure(contenders, args.repeats, args.number)
         unit = times["gradient"]
         for op, t in times.items():
