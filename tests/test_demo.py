@@ -283,17 +283,51 @@ def test_cg_solve_matches_a_dense_solve(report, references, backend):
 
 @pytest.mark.skipif(len(INSTALLED) < 2, reason="needs both PyTorch and JAX")
 def test_backends_agree(report):
+    """PyTorch and JAX agree to what two float64 pipelines can promise, not bit for bit.
+
+    The two frameworks train on their own (their weights agree to the training
+    tolerance, not to rounding) and reduce in different orders with different
+    kernels, so a curvature number is compared on the scale of the operator
+    (λ_max) to half the float64 digits, √eps · λ_max; ``gᵀx`` from CG is compared
+    within the bound its residuals give, |gᵀ(x_a - x_b)| ≤ ‖x‖ (‖r_a‖ + ‖r_b‖); CG's
+    iteration counts, which rounding may shift, within a few percent.
+    """
     rows = {row["quantity"]: row for row in report["comparison"]["rows"]}
-    compared = [
-        q for q in rows if any(word in q for word in demo.CURVATURE_LABELS) or "objective" in q
-    ]
-    assert len(compared) >= 15
-    for quantity in compared:
+    curvature = {row.label for row in demo._rows() if row.curvature}
+    assert len(curvature) >= 15 and curvature <= set(rows)
+    sections = [report["backends"][name] for name in INSTALLED]
+    eps = np.finfo(np.float64).eps
+    scale = max(s["eigenvalues"]["lambda_max"] for s in sections)
+    cg = [s["cg"] for s in sections]
+    quotients = [s["rayleigh_quotients"] for s in sections]
+    tolerances = {label: math.sqrt(eps) * scale for label in curvature} | {
+        # a ratio's relative error is at most the sum of its parts' relative errors
+        "ratio scaling / rotation": math.sqrt(eps)
+        * scale
+        * max(q["ratio"] * (1 / q["scaling"] + 1 / q["rotation"]) for q in quotients),
+        "2 / lambda_max": math.sqrt(eps)
+        * max(2 / s["eigenvalues"]["lambda_max"] for s in sections),
+        "g^T (H + 1e-3 I)^-1 g": max(c["solution_norm"] for c in cg)
+        * sum(c["true_relative_residual"] * c["rhs_norm"] for c in cg)
+        + math.sqrt(eps) * max(abs(c["rhs_dot_solution"]) for c in cg),
+        "objective at the optimum": math.sqrt(eps)
+        * max(s["training"]["final_objective"] for s in sections),
+    }
+    for quantity, tolerance in tolerances.items():
         values = list(rows[quantity]["values"].values())
         assert rows[quantity]["max_abs_difference"] == pytest.approx(max(values) - min(values))
-        assert relative_error(values[0], values[1]) < 1e-8, quantity
+        assert abs(values[0] - values[1]) <= tolerance, (quantity, values, tolerance)
+    relative = {
+        q: rows[q]["max_abs_difference"] / max(abs(v) for v in rows[q]["values"].values())
+        for q in curvature
+    }
     worst = report["comparison"]["largest_relative_difference"]
-    assert worst["quantity"] in compared and worst["value"] < 1e-8
+    assert worst["quantity"] == max(relative, key=relative.get)
+    assert worst["value"] == pytest.approx(max(relative.values()))
+    # CG: both converged to the requested residual, iteration counts within a few percent
+    assert all(c["converged"] and c["true_relative_residual"] <= 10 * c["tol"] for c in cg)
+    iterations = [c["iterations"] for c in cg]
+    assert max(iterations) - min(iterations) <= max(3, 0.05 * max(iterations)), iterations
     assert rows["time (s)"]["max_abs_difference"] is None
 
 
