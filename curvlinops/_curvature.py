@@ -200,16 +200,46 @@ class CurvatureOperator(LinearOperator):
         return self.backend.batch_size(X)
 
     def _survey_data(self) -> tuple[list[int], list[int]]:
-        """Batch sizes and model output sizes, from one pass over the data."""
+        """Batch sizes and model output sizes, from one pass over the data that checks it."""
         batch_sizes, output_sizes = [], []
-        model = self.backend.model_fn
-        for _, X, _, n in self._batches("curvlinops: reading data"):
+        b = self.backend
+        for index, X, y, n in self._batches("curvlinops: reading data"):
             batch_sizes.append(n)
+            if n == 0 and self._needs_loss:  # an empty batch adds nothing to a loss
+                continue
+            outputs = b.model_fn(b.primals, X)
             if not self._needs_loss:
-                output_sizes.append(int(np.prod(model(self.backend.primals, X).shape, dtype=int)))
+                output_sizes.append(int(np.prod(outputs.shape, dtype=int)))
+            if n:
+                self._check_batch(index, X, y, outputs)
         if not batch_sizes and self._comm.world_size == 1:
             raise value_error("data", "at least one batch (X, y)", "an empty iterable")
         return batch_sizes, output_sizes
+
+    def _check_batch(self, index: int, X: Any, y: Any, outputs: Any) -> None:
+        """Finite inputs, targets that suit the loss, finite outputs; else name the culprit."""
+        b = self.backend
+        if not all(b.all_finite(leaf) for leaf in _float_leaves(b, X)):
+            raise value_error(
+                f"X of data batch {index}",
+                "finite inputs",
+                "NaN or inf values",
+                "Remove or impute the examples with missing values.",
+            )
+        if self._loss is not None and y is not None:
+            self._loss.check_targets(b, outputs, y, f"y of data batch {index}")
+        if b.all_finite(outputs):
+            return
+        leaves = b.tree_flatten(b.primals)[0]
+        bad = [n for n, p in zip(b.param_names, leaves) if not b.all_finite(p)]
+        raise value_error(
+            "model_func",
+            "finite outputs",
+            f"NaN or inf outputs on data batch {index}, whose inputs are finite",
+            f"The parameters {bad} hold NaN or inf."
+            if bad
+            else "Look for an overflow (float16, exp) or a log or division of zero in the model.",
+        )
 
     def _check_num_data(self, num_data: int | None) -> int:
         counted = self._comm.global_count(sum(self._batch_sizes))
@@ -257,7 +287,18 @@ class CurvatureOperator(LinearOperator):
                     "function deterministic, or pass check_deterministic=False."
                 )
         probe = b.random_normal((self.shape[1], 1), seed=0)
-        if not _close(b, self._native(probe, False), self._native(probe, False)):
+        product = self._native(probe, False)
+        if not b.all_finite(product):
+            functions = "model_func and loss_func" if self._needs_loss else "model_func"
+            raise value_error(
+                f"{type(self).__name__} of {functions}",
+                "finite products",
+                "NaN or inf in the product with a random vector, while the data and the "
+                "model's outputs are finite",
+                "Look for derivatives that do not exist at the data (sqrt or log at 0, "
+                "abs at 0 in a loss) or overflow in the loss.",
+            )
+        if not _close(b, product, self._native(probe, False)):
             raise RuntimeError(
                 f"{type(self).__name__}: two products with the same vector differ. Is the "
                 "model or the loss random? Pass check_deterministic=False to skip this check."
@@ -296,6 +337,11 @@ def _close(b: Any, a: Any, c: Any) -> bool:
         return a.shape == c.shape
     scale = max(float(np.max(np.abs(a))), np.finfo(a.dtype).tiny)
     return bool(np.max(np.abs(a - c)) <= 1e-5 * scale)
+
+
+def _float_leaves(b: Any, tree: Any) -> list[Any]:
+    leaves = b.tree_flatten(tree)[0]
+    return [leaf for leaf in leaves if b.xp.isdtype(leaf.dtype, "real floating")]
 
 
 def _split_batch(batch: Any, index: int) -> tuple[Any, Any]:

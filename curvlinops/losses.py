@@ -59,6 +59,16 @@ class _StandardLoss:
     def _scale(self, outputs: Any) -> float:
         return 1.0 / self._num_terms(outputs) if self.reduction == "mean" else 1.0
 
+    # --- targets --------------------------------------------------------------------
+    def check_targets(self, b: Any, outputs: Any, targets: Any, argument: str) -> None:
+        """Raise if ``targets`` do not suit this loss for ``outputs``.
+
+        Broadcasting or out-of-range targets would give numbers for a different
+        loss without a word, so shapes and values are checked once per batch.
+        """
+        _check_shape(targets, tuple(outputs.shape), argument, type(self).__name__)
+        _check_finite(b, targets, argument)
+
     # --- loss terms, their gradients, and sampling (empirical / Monte-Carlo Fisher) ---
     # A *term* is the part of the loss that one target random variable contributes:
     # a row of the last axis for MSE and BCE, a position's class vector for
@@ -187,6 +197,59 @@ class CrossEntropyLoss(_StandardLoss):
         )
         return xp.astype(labels == classes, outputs.dtype)
 
+    def check_targets(self, b: Any, outputs: Any, targets: Any, argument: str) -> None:
+        xp, shape = b.xp, tuple(outputs.shape)
+        axis = self.class_axis % len(shape)
+        num_classes = shape[axis]
+        index_shape = shape[:axis] + shape[axis + 1 :]
+        if tuple(targets.shape) == index_shape:
+            if not xp.isdtype(targets.dtype, "integral"):
+                raise type_error(
+                    argument,
+                    f"integer class indices of shape {index_shape} (CrossEntropyLoss)",
+                    targets,
+                    "Cast them, e.g. y.long() (PyTorch) or y.astype(int) (numpy, JAX); class "
+                    f"probabilities would have the outputs' shape {shape}.",
+                )
+            _check_range(
+                b,
+                targets,
+                argument,
+                f"class indices in [0, {num_classes}) for outputs with {num_classes} classes "
+                f"(axis {self.class_axis})",
+                0,
+                num_classes - 1,
+                "Number the classes 0..C-1, or give the model as many outputs as there are "
+                "classes. Ignored positions (ignore_index, e.g. -100) are not supported: "
+                "leave them out of the batch.",
+            )
+            return
+        if tuple(targets.shape) != shape:
+            raise value_error(
+                argument,
+                f"class indices of shape {index_shape} or class probabilities of the outputs' "
+                f"shape {shape} (CrossEntropyLoss, classes on axis {self.class_axis})",
+                f"shape {tuple(targets.shape)}",
+            )
+        if not xp.isdtype(targets.dtype, "real floating"):
+            raise type_error(
+                argument,
+                f"floating-point class probabilities of shape {shape} (CrossEntropyLoss)",
+                targets,
+                f"Cast one-hot targets to float, or pass class indices of shape {index_shape}.",
+            )
+        _check_finite(b, targets, argument)
+        _check_range(b, targets, argument, "class probabilities in [0, 1]", 0, 1)
+        # The closed-form gradient p - y and output Hessian diag(p) - p pᵀ assume Σ y = 1.
+        deviation = float(xp.max(xp.abs(xp.sum(targets, axis=self.class_axis) - 1)))
+        if deviation > math.sqrt(float(xp.finfo(targets.dtype).eps)):
+            raise value_error(
+                argument,
+                f"class probabilities that sum to 1 over the class axis {self.class_axis}",
+                f"sums that differ from 1 by up to {deviation:.3g}",
+                "Normalise them, e.g. y / y.sum(axis, keepdims=True).",
+            )
+
     def value(self, b: Any, outputs: Any, targets: Any) -> Any:
         terms = -self._target_probs(b, outputs, targets) * self._log_probs(b, outputs)
         return self._reduce(b.xp, terms, outputs)
@@ -231,6 +294,10 @@ class BCEWithLogitsLoss(_StandardLoss):
 
     reduction: str = "mean"
 
+    def check_targets(self, b: Any, outputs: Any, targets: Any, argument: str) -> None:
+        super().check_targets(b, outputs, targets, argument)
+        _check_range(b, targets, argument, "probabilities in [0, 1] (BCEWithLogitsLoss)", 0, 1)
+
     def value(self, b: Any, outputs: Any, targets: Any) -> Any:
         xp = b.xp
         # softplus(z) - y z, written so that it never overflows
@@ -271,6 +338,9 @@ class CallableLoss:
         if not callable(self.fn):
             raise type_error("loss_func", "a callable (outputs, targets) -> scalar", self.fn)
         check_reduction(self.reduction, "loss_func.reduction")
+
+    def check_targets(self, b: Any, outputs: Any, targets: Any, argument: str) -> None:
+        _check_finite(b, targets, argument)
 
     def value(self, b: Any, outputs: Any, targets: Any) -> Any:
         return self.fn(outputs, targets)
@@ -330,6 +400,43 @@ def _no_distribution(fn: Any) -> TypeError:
         "A custom callable defines no distribution; use a standard loss, or the exact "
         "GGNLinearOperator.",
     )
+
+
+def _check_shape(targets: Any, shape: tuple[int, ...], argument: str, loss: str) -> None:
+    if tuple(targets.shape) != shape:
+        raise value_error(
+            argument,
+            f"targets of the outputs' shape {shape} ({loss})",
+            f"shape {tuple(targets.shape)}",
+            "Reshape them to the outputs' shape, e.g. y[:, None] for one output per example: "
+            "broadcasting would silently change the loss.",
+        )
+
+
+def _check_finite(b: Any, targets: Any, argument: str) -> None:
+    if _size(targets) and b.xp.isdtype(targets.dtype, "real floating"):
+        if not b.all_finite(targets):
+            raise value_error(argument, "finite targets", "NaN or inf values", _NON_FINITE_FIX)
+
+
+_NON_FINITE_FIX = "Remove or impute the examples with missing targets."
+
+
+def _check_range(
+    b: Any, targets: Any, argument: str, expected: str, low: float, high: float, fix: str = ""
+) -> None:
+    if not _size(targets):
+        return
+    xp = b.xp
+    smallest, largest = xp.min(targets), xp.max(targets)
+    if float(smallest) < low or float(largest) > high:
+        got = f"values from {_scalar(smallest)} to {_scalar(largest)}"
+        raise value_error(argument, expected, got, fix)
+
+
+def _scalar(value: Any) -> str:
+    number = float(value)
+    return str(int(number)) if number.is_integer() else f"{number:.4g}"
 
 
 def _size(array: Any) -> int:

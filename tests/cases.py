@@ -52,6 +52,8 @@ class Case:
         params: ``"list"`` (PyTorch list / JAX list of ``(W, b)`` tuples, both in
             canonical order) or ``"dict"`` (PyTorch dict in reversed insertion
             order / JAX nested dict, flattened with sorted keys).
+        targets: ``"labels"`` (class indices for cross-entropy) or ``"probs"``
+            (class probabilities of the outputs' shape, PyTorch's soft labels).
     """
 
     name: str
@@ -59,6 +61,7 @@ class Case:
     loss: str
     reduction: str
     params: str = "list"
+    targets: str = "labels"
 
 
 CASES = [
@@ -68,6 +71,7 @@ CASES = [
         for reduction in ("mean", "sum")
     ),
     Case("mlp-ce-mean-dictparams", "mlp", "ce", "mean", params="dict"),
+    Case("mlp-ce-mean-probs", "mlp", "ce", "mean", targets="probs"),
     Case("mlp-quartic-sum-dictparams", "mlp", "quartic", "sum", params="dict"),
     Case("cnn-ce-mean", "cnn", "ce", "mean"),
     Case("seq-ce-mean", "seq", "ce", "mean"),
@@ -146,6 +150,8 @@ def _output_shape(case: Case) -> tuple[int, ...]:
 
 def _targets(case: Case, rng: np.random.Generator, n: int) -> np.ndarray:
     out = _output_shape(case)
+    if case.targets == "probs":  # rows on the simplex
+        return rng.dirichlet(np.ones(NUM_CLASSES), size=n)
     if case.loss == "ce":
         label_shape = {"seq": (SEQ_LEN,), "seq_ct": (SEQ_LEN,)}.get(case.model, ())
         return rng.integers(0, NUM_CLASSES, size=(n, *label_shape))
@@ -483,6 +489,8 @@ def _jax_reference_loss(case: Case) -> Any:
 
     def cross_entropy(z: Any, y: Any) -> Any:
         logp = jax.nn.log_softmax(z, axis=axis)
+        if case.targets == "probs":
+            return -reduce(jnp.sum(y * logp, axis=axis))
         picked = jnp.take_along_axis(logp, jnp.expand_dims(y, axis), axis=axis)
         return -reduce(picked)
 

@@ -6,7 +6,9 @@ list (``list(model.parameters())`` style) or the insertion order of the dict.
 
 from __future__ import annotations
 
+import functools
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -165,6 +167,7 @@ class TorchBackend:
 
     # --- autodiff ---------------------------------------------------------
     def jvp(self, f: Callable, primals: tuple, tangents: tuple) -> tuple[Any, Any]:
+        _load_forward_mode_quietly()
         return jvp(f, primals, tangents)
 
     def vjp(self, f: Callable, *primals: Any, has_aux: bool = False) -> tuple[Any, ...]:
@@ -214,6 +217,24 @@ class TorchBackend:
 
 
 # --- helpers ---------------------------------------------------------------
+@functools.cache
+def _load_forward_mode_quietly() -> None:
+    """Load PyTorch's forward-mode decompositions once, without its own deprecation warnings.
+
+    The first dual tensor of a process imports them, and they are built with
+    ``torch.jit.script``, which warns 18 times: torch's business, not our users'.
+    Only this warning, only during this import: the filters are restored after it.
+    """
+    load = getattr(torch.autograd.forward_ad, "_maybe_load_decompositions", None)
+    if load is None:  # a PyTorch that loads them otherwise
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="`torch.jit.script` is deprecated", category=DeprecationWarning
+        )
+        load()
+
+
 def _under_torch_func(*tensors: tuple) -> bool:
     """Whether a tensor in ``tensors`` (tuples) is wrapped by torch.func (vmap, grad)."""
     wrapped = torch._C._functorch.is_functorch_wrapped_tensor
