@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from curvlinops.backends._namespaces import xla_knows
+
 OPS = ("grad", "hvp", "ggnvp", "jvp", "vjp", "matmat16", "eigsh5", "trace100", "cg")
 PRODUCT_OPS = ("grad", "hvp", "ggnvp", "jvp", "vjp", "matmat16")
 ALGORITHM_OPS = ("eigsh5", "trace100", "cg")
@@ -31,6 +33,8 @@ REFERENCE_ORDER = ("raw-torch", "raw-jax", "ours-torch", "ours-jax", "cfp")
 INFORMATIONAL = ("cfp",)
 """Contenders whose failures and disagreements are reported but do not fail the run."""
 EIGSH_K, TRACE_PROBES, CG_RTOL, MATMAT_K = 5, 100, 1e-6, 16
+QUICK_EMITTER_FLAG = "xla_cpu_use_fusion_emitters"
+"""Off with ``--quick`` where XLA has it: XLA:CPU compiles in a third of the time."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -111,6 +115,9 @@ def configure_threads(args: argparse.Namespace) -> dict:
         flags = (
             f"{flags} --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
         )
+        if xla_knows(QUICK_EMITTER_FLAG):
+            # the MLIR fusion emitters are then two thirds of what is left (jaxlib 0.10)
+            flags = f"{flags} --{QUICK_EMITTER_FLAG}=false"
         flags = flags.strip()
     if flags:
         os.environ["XLA_FLAGS"] = flags
@@ -193,7 +200,13 @@ class Suite:
         if self.args.no_memory:
             call()
             return None
-        return self.memory[key].measure(call)
+        peak = self.memory[key].measure(call)
+        if self.args.quick:
+            # each memory call starts with a full garbage collection, which would walk the
+            # ~300k objects of torch, JAX and scipy every time (0.2 s, half of a quick run):
+            # what is alive now is set aside, the next collection walks only what is new
+            gc.freeze()
+        return peak
 
     def run(self, ops: list[str]) -> None:
         for op in ops:
@@ -482,6 +495,7 @@ def main(argv: list[str] | None = None) -> int:
         data["results"] += suite.records
         data["agreement"] += agreement(name, suite.values, args.dtype)
         del suite, setups
+        gc.unfreeze()  # what Suite._memory set aside (--quick)
         gc.collect()
         # after each problem, so that a long run that is stopped keeps what it measured
         (out / "results.json").write_text(json.dumps(data, indent=1, default=_json_default))

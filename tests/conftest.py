@@ -1,11 +1,32 @@
 """Shared fixtures: every backend that is installed, float64 enabled in JAX."""
 
 import importlib.util
+import os
 
 import pytest
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 HAS_JAX = importlib.util.find_spec("jax") is not None
+
+
+def _jax_has_only_its_cpu() -> bool:
+    """Whether JAX can run on nothing but the CPU (no accelerator plugin installed)."""
+    platforms = os.environ.get("JAX_PLATFORMS", "")
+    if platforms:
+        return {p.strip() for p in platforms.split(",")} == {"cpu"}
+    import pkgutil
+
+    plugins = ("jax_plugins", "jax_cuda", "jax_rocm", "libtpu")
+    return not any(module.name.startswith(plugins) for module in pkgutil.iter_modules())
+
+
+if HAS_JAX and "XLA_FLAGS" not in os.environ and _jax_has_only_its_cpu():
+    # The tests' programs are tiny: compiling them is most of a JAX test's time, and XLA's
+    # optimisations buy nothing there (half the time of the JAX tests). Set before JAX starts
+    # its CPU client. `XLA_FLAGS= pytest` keeps XLA's defaults; accelerators keep theirs.
+    from helpers import fast_compile_xla_flags
+
+    os.environ["XLA_FLAGS"] = fast_compile_xla_flags()
 
 if HAS_JAX:
     import jax

@@ -1,9 +1,11 @@
 """Data-parallel operators over torch.distributed (gloo on 127.0.0.1).
 
-Each test spawns 2 or 3 processes that run this file as a script (``worker``
+The tests spawn 2 or 3 processes that run this file as a script (``worker``
 below): each builds the operators over its own shard of one data set and
-saves its products; the test compares them with one process over all the
-data. Every spawned process has a timeout, and collectives one too.
+saves its products; the tests compare them with one process over all the
+data. Worlds of 3 and of 2 processes are formed in turn by one launch of 3
+processes (starting one, importing torch, takes longer than its products).
+Every spawned process has a timeout, and collectives one too.
 """
 
 from __future__ import annotations
@@ -102,8 +104,18 @@ def products(ops: dict, rows: slice) -> dict[str, np.ndarray]:
 
 
 # --- worker: run as a script by the tests ----------------------------------------------
-def worker(scenario: str, rank: int, world: int, port: int, out: Path) -> None:
+def worker(scenario: str, rank: int, world: int, ports: list[int], out: Path) -> None:
+    """``products``: a world of 3 processes, then ranks 0 and 1 as a world of 2."""
     torch.set_num_threads(1)
+    if scenario != "products":
+        join_world(scenario, rank, world, ports[0], out)
+        return
+    for size, port in zip((3, 2), ports):
+        if rank < size:
+            join_world(scenario, rank, size, port, out / f"world{size}")
+
+
+def join_world(scenario: str, rank: int, world: int, port: int, out: Path) -> None:
     timeout = datetime.timedelta(seconds=3 if scenario == "stall" else PROCESS_TIMEOUT_S)
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timeout
@@ -162,8 +174,10 @@ def peer_fails(scenario: str, rank: int, model, X, y, out: Path) -> None:
     data = [(X[a:b], y[a:b]) for a, b in half]
     H = HessianLinearOperator(model, torch.nn.CrossEntropyLoss(), list(model.parameters()), data)
     if rank == 1:
-        if scenario == "stall":
-            time.sleep(4)
+        if scenario == "stall":  # alive and silent until rank 0 has timed out and reported
+            deadline = time.monotonic() + PROCESS_TIMEOUT_S
+            while not (out / "rank0.txt").exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
         os._exit(0)
     begin = time.monotonic()
     try:
@@ -182,13 +196,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports (held together while they are picked)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def spawn(scenario: str, world: int, out: Path) -> None:
     """Run ``world`` worker processes; fail on a timeout or an error, showing their logs."""
-    port = free_port()
+    ports = ",".join(map(str, free_ports(2)))  # products: one per world formed
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     from helpers import run_processes  # tests/ is importable under pytest only
 
-    command = [__file__, scenario, "{rank}", str(world), str(port), str(out)]
+    command = [__file__, scenario, "{rank}", str(world), ports, str(out)]
     commands = [[arg.format(rank=rank) for arg in command] for rank in range(world)]
     run_processes(commands, env, PROCESS_TIMEOUT_S, f"{scenario} with {world} processes")
 
@@ -217,20 +243,32 @@ def test_reference_is_dense_hessian_and_jacobian():
     def loss(theta):
         return torch.nn.functional.cross_entropy(outputs(theta), y)
 
+    from helpers import assert_close
+
     V, U = probes(flat.numel())
     J = jacrev(lambda theta: outputs(theta).reshape(-1))(flat).numpy()
     expected = reference()
-    np.testing.assert_allclose(expected["HV"], hessian(loss)(flat).numpy() @ V, rtol=1e-10)
-    np.testing.assert_allclose(expected["JV"], J @ V, rtol=1e-10)
-    np.testing.assert_allclose(expected["JtU"], J.T @ U, rtol=1e-10)
+    # relative to the largest entry: an entry that cancels to near zero has no own precision
+    assert_close(expected["HV"], hessian(loss)(flat).numpy() @ V, rtol=1e-10, name="HV")
+    assert_close(expected["JV"], J @ V, rtol=1e-10, name="JV")
+    assert_close(expected["JtU"], J.T @ U, rtol=1e-10, name="JtU")
+
+
+@pytest.fixture(scope="module")
+def products_run(tmp_path_factory) -> Path:
+    """One launch of 3 processes: a world of 3, then of 2; their results in world{2,3}/."""
+    out = tmp_path_factory.mktemp("products")
+    for world in (2, 3):
+        (out / f"world{world}").mkdir()
+    spawn("products", 3, out)
+    return out
 
 
 @pytest.mark.parametrize("world", [2, 3])
-def test_products_equal_one_process_over_all_data(world, tmp_path):
+def test_products_equal_one_process_over_all_data(world, products_run):
     from helpers import assert_close
 
-    spawn("products", world, tmp_path)
-    results = [dict(np.load(tmp_path / f"rank{r}.npz")) for r in range(world)]
+    results = [dict(np.load(products_run / f"world{world}" / f"rank{r}.npz")) for r in range(world)]
     expected = reference()
     for rank, result in enumerate(results):
         for key in ("HV", "HV_torch", "H_sumV", "GV", "JtU", "JTU", "eig", "trace", "cg"):
@@ -299,5 +337,5 @@ def test_group_of_one_process_and_destroyed_group():
 
 
 if __name__ == "__main__":
-    scenario, rank, world, port, out = sys.argv[1:]
-    worker(scenario, int(rank), int(world), int(port), Path(out))
+    scenario, rank, world, ports, out = sys.argv[1:]
+    worker(scenario, int(rank), int(world), [int(p) for p in ports.split(",")], Path(out))

@@ -2,7 +2,10 @@
 
 The GPU example runs in its ``--dry-run`` form (the same code on the CPU).
 Each script gets one PyTorch thread: the models are tiny, and on a shared
-CI machine spinning threads cost more than they give.
+CI machine spinning threads cost more than they give. The scripts of the
+selected tests start together, so that a machine with two cores or more
+runs them side by side (most of each one's time is starting Python and
+importing PyTorch and JAX); each test then waits for its own.
 """
 
 from __future__ import annotations
@@ -24,22 +27,53 @@ needs_torch = pytest.mark.skipif(not HAS_TORCH, reason="needs PyTorch")
 needs_jax = pytest.mark.skipif(not HAS_JAX, reason="needs JAX")
 
 
-def run_example(name: str, *args: str) -> str:
+# test: (script, its arguments ({out}: a folder for its files), whether it can run here)
+SCRIPTS = {
+    "test_eigenvalues": ("eigenvalues.py", [], HAS_TORCH),
+    "test_spectral_density": ("spectral_density.py", ["--out", "{out}"], HAS_JAX),
+    "test_trace": ("trace.py", [], HAS_TORCH),
+    "test_influence": ("influence.py", [], HAS_TORCH),
+    "test_gpu_dry_run": ("gpu.py", ["--dry-run"], HAS_TORCH),
+}
+
+
+@pytest.fixture(scope="module")
+def started(request, tmp_path_factory):
+    """The scripts of this module's selected tests, all started now: {test: (process, out)}."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
-    result = subprocess.run(
-        [sys.executable, str(EXAMPLES / name), *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
-    assert result.returncode == 0, f"{name} failed:\n{result.stdout}\n{result.stderr}"
-    return result.stdout
+    selected = {item.originalname for item in request.session.items if item.path == request.path}
+    processes = {}
+    for test, (name, args, runnable) in SCRIPTS.items():
+        if test in selected and runnable:
+            out = tmp_path_factory.mktemp(test)
+            command = [sys.executable, str(EXAMPLES / name), *(a.format(out=out) for a in args)]
+            process = subprocess.Popen(
+                command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+            )
+            processes[test] = (process, out)
+    yield processes
+    for process, _ in processes.values():  # a test that failed early left its script running
+        if process.poll() is None:
+            process.kill()
+        process.communicate()
+
+
+def run_example(started: dict, test: str) -> tuple[str, Path]:
+    """The output of ``test``'s script, once it has exited with status 0, and its folder."""
+    process, out = started[test]
+    try:
+        stdout, stderr = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        stdout, stderr = process.communicate()
+        pytest.fail(f"{SCRIPTS[test][0]} timed out:\n{stdout}\n{stderr}")
+    assert process.returncode == 0, f"{SCRIPTS[test][0]} failed:\n{stdout}\n{stderr}"
+    return stdout, out
 
 
 @needs_torch
-def test_eigenvalues():
-    out = run_example("eigenvalues.py")
+def test_eigenvalues(started):
+    out, _ = run_example(started, "test_eigenvalues")
     rows = re.findall(r"Hessian, top 5 \((.*?)\):\s+\[(.*?)\]", out)
     assert [name for name, _ in rows] == ["curvlinops eigsh", "scipy eigsh", "dense eigvalsh"]
     # all three print the same numbers (6 decimals): equal up to one unit of the last digit,
@@ -53,30 +87,30 @@ def test_eigenvalues():
 
 
 @needs_jax
-def test_spectral_density(tmp_path):
-    out = run_example("spectral_density.py", "--out", str(tmp_path))
+def test_spectral_density(started):
+    out, folder = run_example(started, "test_spectral_density")
     assert "the density integrates to 1.000000" in out
     for png in ("hessian_density.png", "ggn_log_density.png"):
-        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+        assert (folder / png).read_bytes()[:4] == b"\x89PNG"
 
 
 @needs_torch
-def test_trace():
-    out = run_example("trace.py")
+def test_trace(started):
+    out, _ = run_example(started, "test_trace")
     assert "exact trace" in out
     assert len(re.findall(r"m=120: [0-9.]+ \+- [0-9.]+", out)) == 3
 
 
 @needs_torch
-def test_influence():
-    out = run_example("influence.py")
+def test_influence(started):
+    out, _ = run_example(started, "test_influence")
     r = float(re.search(r"r = ([0-9.]+)", out).group(1))
     assert r > 0.99
 
 
 @needs_torch
-def test_gpu_dry_run():
-    out = run_example("gpu.py", "--dry-run")
+def test_gpu_dry_run(started):
+    out, _ = run_example(started, "test_gpu_dry_run")
     assert "PyTorch on cpu" in out and "CG: 1/1 columns converged" in out
     if HAS_JAX:
         assert "JAX on cpu" in out

@@ -71,3 +71,24 @@ def test_run_processes_reports_a_failing_process():
     expected = r"processes \[1\] failed[\s\S]*exit 3[\s\S]*boom"
     with pytest.raises(pytest.fail.Exception, match=expected):
         run_processes([ok, bad], dict(os.environ), 30, "one bad one")
+
+
+def test_xla_flags_are_ones_this_jaxlib_knows():
+    """The tests' compile flags: only flags XLA has (it aborts on others), and they work."""
+    pytest.importorskip("jax")
+    import os
+    import subprocess
+    import sys
+
+    from helpers import fast_compile_xla_flags
+
+    from curvlinops.backends._namespaces import xla_knows
+
+    assert xla_knows("xla_backend_optimization_level")
+    assert not xla_knows("xla_no_such_flag_anywhere")
+    flags = fast_compile_xla_flags()
+    assert "--xla_backend_optimization_level=0" in flags
+    code = "import jax.numpy as jnp; print(float(jnp.arange(4.0).sum()))"
+    env = {**os.environ, "XLA_FLAGS": flags}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.returncode == 0 and result.stdout.strip() == "6.0", result.stderr

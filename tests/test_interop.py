@@ -373,7 +373,9 @@ _TWO_DEVICES = textwrap.dedent(
 
 
 def test_jax_device_rules_with_two_cpu_devices():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    # on top of the session's flags (conftest: compile fast)
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=2"
+    env = dict(os.environ, XLA_FLAGS=flags.strip())
     result = subprocess.run(
         [sys.executable, "-c", _TWO_DEVICES], capture_output=True, text=True, env=env, timeout=300
     )

@@ -23,6 +23,7 @@ __all__ = [
     "framework_namespace",
     "framework_version",
     "is_installed",
+    "xla_knows",
 ]
 
 FRAMEWORKS = ("torch", "jax")
@@ -119,3 +120,29 @@ def cpu_threads(name: str, threads: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def xla_knows(flag: str) -> bool:
+    """Whether the installed jaxlib's XLA has the flag ``flag`` (no leading dashes).
+
+    XLA aborts the process on a flag in ``XLA_FLAGS`` that it does not know, and lists
+    its flags nowhere at run time; their names are strings in jaxlib's shared libraries.
+    """
+    import mmap
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("jaxlib")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    needle = flag.encode()
+    for folder in spec.submodule_search_locations:
+        for path in Path(folder).iterdir():
+            if path.suffix not in (".so", ".dylib", ".pyd", ".dll"):
+                continue
+            try:
+                with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+                    if m.find(needle) >= 0:
+                        return True
+            except (OSError, ValueError):  # unreadable, or empty
+                continue
+    return False
