@@ -66,6 +66,7 @@ class _StandardLoss:
         Broadcasting or out-of-range targets would give numbers for a different
         loss without a word, so shapes and values are checked once per batch.
         """
+        _check_array(targets, argument, type(self).__name__)
         _check_shape(targets, tuple(outputs.shape), argument, type(self).__name__)
         _check_finite(b, targets, argument)
 
@@ -198,6 +199,7 @@ class CrossEntropyLoss(_StandardLoss):
         return xp.astype(labels == classes, outputs.dtype)
 
     def check_targets(self, b: Any, outputs: Any, targets: Any, argument: str) -> None:
+        _check_array(targets, argument, "CrossEntropyLoss")
         xp, shape = b.xp, tuple(outputs.shape)
         axis = self.class_axis % len(shape)
         num_classes = shape[axis]
@@ -402,6 +404,11 @@ def _no_distribution(fn: Any) -> TypeError:
     )
 
 
+def _check_array(targets: Any, argument: str, loss: str) -> None:
+    if not hasattr(targets, "shape") or not hasattr(targets, "dtype"):
+        raise type_error(argument, f"an array of targets ({loss})", targets)
+
+
 def _check_shape(targets: Any, shape: tuple[int, ...], argument: str, loss: str) -> None:
     if tuple(targets.shape) != shape:
         raise value_error(
@@ -414,12 +421,16 @@ def _check_shape(targets: Any, shape: tuple[int, ...], argument: str, loss: str)
 
 
 def _check_finite(b: Any, targets: Any, argument: str) -> None:
-    if _size(targets) and b.xp.isdtype(targets.dtype, "real floating"):
-        if not b.all_finite(targets):
-            raise value_error(argument, "finite targets", "NaN or inf values", _NON_FINITE_FIX)
-
-
-_NON_FINITE_FIX = "Remove or impute the examples with missing targets."
+    """No NaN or inf in any floating-point array of ``targets`` (an array or a structure)."""
+    for leaf in b.tree_flatten(targets)[0]:
+        dtype = getattr(leaf, "dtype", None)
+        if dtype is not None and b.xp.isdtype(dtype, "real floating") and not b.all_finite(leaf):
+            raise value_error(
+                argument,
+                "finite targets",
+                "NaN or inf values",
+                "Remove or impute the examples with missing targets.",
+            )
 
 
 def _check_range(

@@ -163,6 +163,36 @@ def test_non_finite_targets_of_a_callable_loss(backend_name):
         construct(backend_name, case, with_targets(case, y1), GGNLinearOperator)
 
 
+def test_targets_that_are_not_arrays(backend_name):
+    data = with_targets("mlp-mse-mean", {"t": np.zeros((N1, 3))})
+    with pytest.raises(
+        TypeError, match=r"y of data batch 1: expected an array of targets \(MSELoss\), got dict"
+    ):
+        construct(backend_name, "mlp-mse-mean", data)
+
+
+def test_structured_targets_of_a_callable_loss(backend_name):
+    """A custom loss may take any structure of targets; NaN anywhere in it is found."""
+    problem = build("mlp-mse-mean", backend_name)
+    xp = _namespace(backend_name)
+    loss = losses.CallableLoss(lambda z, y: xp.sum(y["w"] * (z - y["t"]) ** 2), reduction="sum")
+    (X0, y0), (X1, y1) = numpy_data(problem.case)
+    data = [(X, {"t": y, "w": np.ones_like(y)}) for X, y in [(X0, y0), (X1, y1)]]
+    G = GGNLinearOperator(problem.model_func, loss, problem.params, data, **problem.options)
+    mse = GGNLinearOperator(
+        problem.model_func, losses.MSELoss("sum"), problem.params, data=[(X0, y0), (X1, y1)]
+    )
+    v = np.random.default_rng(0).normal(size=G.shape[1])
+    np.testing.assert_allclose(_numpy(G @ v), _numpy(mse @ v), rtol=1e-12)
+    data[1][1]["w"][2, 1] = np.inf
+    with pytest.raises(ValueError, match=r"y of data batch 1: expected finite targets, got NaN"):
+        GGNLinearOperator(problem.model_func, loss, problem.params, data, **problem.options)
+
+
+def _numpy(x):
+    return np.asarray(x.detach() if hasattr(x, "detach") else x)
+
+
 def test_parameters_that_make_outputs_nan(backend_name):
     problem = build("mlp-ce-mean", backend_name)
     if backend_name == "torch":
