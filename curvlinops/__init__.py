@@ -27,6 +27,13 @@ from curvlinops.hessian import HessianLinearOperator
 from curvlinops.influence import ResponseJacobianLinearOperator, influence_on_test_loss
 from curvlinops.inverse import CGInverseLinearOperator, NeumannInverseLinearOperator
 from curvlinops.jacobian import JacobianLinearOperator, TransposedJacobianLinearOperator
+from curvlinops.kfac import (
+    EKFACLinearOperator,
+    FisherType,
+    KFACInverseLinearOperator,
+    KFACLinearOperator,
+    KFACType,
+)
 from curvlinops.spectral import log_spectral_density, plot_spectral_density, spectral_density
 from curvlinops.submatrix import (
     BlockDiagonalLinearOperator,
@@ -40,13 +47,18 @@ __all__ = [
     "ConvergenceError",
     "ConvergenceWarning",
     "DiagonalLinearOperator",
+    "EKFACLinearOperator",
     "EFLinearOperator",
     "FisherMCLinearOperator",
+    "FisherType",
     "GGNDiagonalLinearOperator",
     "GGNLinearOperator",
     "HessianLinearOperator",
     "IdentityLinearOperator",
     "JacobianLinearOperator",
+    "KFACInverseLinearOperator",
+    "KFACLinearOperator",
+    "KFACType",
     "LinearOperator",
     "NeumannInverseLinearOperator",
     "ResponseJacobianLinearOperator",

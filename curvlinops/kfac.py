@@ -1,0 +1,1084 @@
+r"""Kronecker-factored approximate curvature (KFAC) and its inverse.
+
+KFAC approximates each layer's block of the GGN/Fisher by a Kronecker product
+of an input covariance and a covariance of the gradients at the layer's
+output (Martens & Grosse 2015; convolutions: Grosse & Martens 2016; layers
+with weight sharing, ``expand`` and ``reduce``: Eschenhagen et al. 2023).
+
+The mathematics is written once here, against the backend's array namespace
+``backend.xp``: accumulating the factors from captured layer inputs and
+output gradients, their normalisation, the products, the damped inverses and
+the closed forms. Only the capture of layer inputs and output gradients is
+framework code: forward hooks on ``torch.nn.Linear``/``Conv2d`` modules
+(:mod:`curvlinops.backends._kfac_torch`), and for JAX the dense and
+convolution layers of a plain function, found by tracing it to a jaxpr
+(:mod:`curvlinops.backends._kfac_jax`). Names and numbers follow
+curvlinops-for-pytorch 3.0.1: ``_mapping``, ``_input_covariances`` and
+``_gradient_covariances`` are keyed by layer name (``"0"``, ``"2"``, ...),
+and downstream code (laplace-torch) reads them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import warnings
+from collections.abc import Callable
+from enum import Enum
+from typing import Any
+
+import numpy as np
+
+from curvlinops._base import LinearOperator
+from curvlinops._checks import type_error, value_error
+from curvlinops._curvature import CurvatureOperator, _check_positive_int, _close
+from curvlinops.fisher import DEFAULT_SEED, batch_seed, check_mc_samples, check_seed
+from curvlinops.losses import CallableLoss
+
+__all__ = [
+    "EKFACLinearOperator",
+    "FisherType",
+    "KFACInverseLinearOperator",
+    "KFACLinearOperator",
+    "KFACType",
+]
+
+
+class FisherType(str, Enum):
+    """Which output-gradient covariance KFAC uses (the strings are accepted too).
+
+    ``TYPE2``: the exact output Hessian, from the columns of its square root;
+    ``MC``: gradients at targets sampled from the model's distribution;
+    ``EMPIRICAL``: gradients at the data's targets; ``FORWARD_ONLY``: identity
+    gradient covariances (FOOF, Benzing 2022; ISAAC, Petersen et al. 2023).
+    """
+
+    TYPE2 = "type-2"
+    MC = "mc"
+    EMPIRICAL = "empirical"
+    FORWARD_ONLY = "forward-only"
+
+
+class KFACType(str, Enum):
+    """KFAC for layers with weight sharing (Eschenhagen et al. 2023).
+
+    ``EXPAND`` treats each shared position as an example of its own;
+    ``REDUCE`` averages inputs and sums output gradients over the positions.
+    """
+
+    EXPAND = "expand"
+    REDUCE = "reduce"
+
+
+def check_enum(value: Any, enum: type[Enum], argument: str) -> Any:
+    """``value`` as a member of ``enum``: members and their strings are accepted."""
+    choices = " or ".join(repr(member.value) for member in enum)
+    if not isinstance(value, str):
+        raise type_error(argument, f"a {enum.__name__} or one of {choices}", value)
+    try:
+        return enum(value)
+    except ValueError:
+        raise value_error(argument, f"a {enum.__name__} or one of {choices}", repr(value)) from None
+
+
+class KFACLinearOperator(CurvatureOperator):
+    r"""KFAC approximation of the GGN/Fisher, block-diagonal over layers.
+
+    For a layer with weight :math:`W \in \mathbb{R}^{d_\text{out} \times
+    d_\text{in}}` (row-major flattened, as in the parameter vector) and bias
+    :math:`b`,
+
+    .. math::
+        F_{W} \approx G \otimes A, \qquad
+        A = \frac{1}{N S} \sum_{n,s} a_{ns} a_{ns}^\top, \qquad
+        G = c \sum_{n,s,j} g_{nsj} g_{nsj}^\top,
+
+    with :math:`a_{ns}` the layer's input at example :math:`n` and shared
+    position :math:`s` (``S = 1`` without weight sharing), :math:`g_{nsj}` the
+    gradient at the layer's output of column :math:`j` (a column of the output
+    Hessian's square root for ``type-2``, a sampled gradient for ``mc``, the
+    gradient for ``empirical``), and :math:`c` the loss's normalisation
+    (:math:`1/(N \cdot \text{terms per example} \cdot C)` for the mean of MSE/BCE,
+    :math:`1/(N \cdot \text{terms per example})` for cross-entropy, 1 for
+    ``"sum"``; divided by ``mc_samples``). The bias block is :math:`G`, or, with
+    ``separate_weight_and_bias=False``, weight and bias share one block with
+    :math:`a` extended by a 1. ``reduce`` averages :math:`a` and sums
+    :math:`g` over the shared positions before the outer products (and
+    :math:`S` is 1). The normalisation is that of curvlinops-for-pytorch 3.0.1.
+
+    The factors are computed by :meth:`compute_kronecker_factors` (at the first
+    product if not before); a product then costs two small matrix products
+    per layer. Layers: ``torch.nn.Linear`` (inputs ``(N, ..., d_in)``, the
+    middle axes shared) and ``torch.nn.Conv2d`` (``groups=1``, zero padding);
+    in JAX, each ``dot_general`` or ``conv_general_dilated`` with a parameter
+    leaf as weight, and a leaf added to its output as bias (``x @ W + b``,
+    ``x @ W.T + b``, flax ``Dense``/``Conv``, equinox ``Linear``), named by
+    the weight's path without its last key (e.g. ``"['params']['Dense_0']"``).
+    ``_mapping`` says which parameter positions each layer holds.
+
+    Args:
+        model_func: A ``torch.nn.Module``, or a JAX function ``(params, X) ->
+            outputs``.
+        loss_func: MSE, cross-entropy or BCE-with-logits (a callable loss for
+            ``empirical`` and ``forward-only`` only).
+        params: The parameters (list or dict, as for the other operators); all
+            must belong to supported layers.
+        data: Re-iterable of ``(X, y)`` batches.
+        progressbar, check_deterministic, num_data, batch_size_fn, backend: As
+            for :class:`~curvlinops.GGNLinearOperator`.
+        seed: Seed of the ``mc`` draws (the draws are those of
+            :class:`~curvlinops.FisherMCLinearOperator` with this seed).
+        fisher_type: A :class:`FisherType` or its string.
+        mc_samples: Sampled targets per term (``mc`` only; else 1).
+        kfac_approx: A :class:`KFACType` or its string.
+        num_per_example_loss_terms: Loss terms per example (e.g. tokens); by
+            default read off the outputs. It enters the ``"mean"`` normalisation
+            as in curvlinops-for-pytorch.
+        separate_weight_and_bias: Whether weight and bias get separate blocks.
+
+    Example:
+        >>> import numpy as np, torch
+        >>> from curvlinops import GGNLinearOperator, KFACLinearOperator
+        >>> model = torch.nn.Linear(3, 2).double()
+        >>> X, y = torch.randn(1, 3, dtype=torch.float64), torch.randn(1, 2, dtype=torch.float64)
+        >>> args = (model, torch.nn.MSELoss(), list(model.parameters()), [(X, y)])
+        >>> K = KFACLinearOperator(*args, fisher_type="type-2", separate_weight_and_bias=False)
+        >>> bool(np.allclose(K @ np.eye(8), GGNLinearOperator(*args) @ np.eye(8)))
+        True
+    """
+
+    is_symmetric = True
+    _params_in = _params_out = True
+
+    def __init__(
+        self,
+        model_func: Any,
+        loss_func: Any,
+        params: Any,
+        data: Any,
+        *,
+        progressbar: bool = False,
+        check_deterministic: bool = True,
+        seed: int = DEFAULT_SEED,
+        fisher_type: str = FisherType.MC,
+        mc_samples: int = 1,
+        kfac_approx: str = KFACType.EXPAND,
+        num_per_example_loss_terms: int | None = None,
+        separate_weight_and_bias: bool = True,
+        num_data: int | None = None,
+        batch_size_fn: Callable[[Any], int] | None = None,
+        backend: str | None = None,
+    ) -> None:
+        self._fisher_type = check_enum(fisher_type, FisherType, "fisher_type")
+        self._mc_samples = check_mc_samples(mc_samples)
+        if self._fisher_type != FisherType.MC and self._mc_samples != 1:
+            raise value_error(
+                "mc_samples",
+                f"1 for fisher_type={self._fisher_type.value!r}",
+                str(mc_samples),
+                "Only fisher_type='mc' samples; leave mc_samples at 1 otherwise.",
+            )
+        self._kfac_approx = check_enum(kfac_approx, KFACType, "kfac_approx")
+        self._seed = check_seed(seed)
+        self._separate_weight_and_bias = bool(separate_weight_and_bias)
+        self._num_per_example_loss_terms = (
+            None
+            if num_per_example_loss_terms is None
+            else _check_positive_int(num_per_example_loss_terms, "num_per_example_loss_terms")
+        )
+        self._input_covariances: dict[str, Any] = {}
+        self._gradient_covariances: dict[str, Any] = {}
+        super().__init__(
+            model_func,
+            loss_func,
+            params,
+            data,
+            progressbar=progressbar,
+            check_deterministic=False,
+            num_data=num_data,
+            batch_size_fn=batch_size_fn,
+            backend=backend,
+        )
+        self._capture = _capture(self, model_func)
+        self._mapping: dict[str, dict[str, int]] = self._capture.mapping
+        self._check_loss()
+        if check_deterministic:
+            self._check_deterministic()
+
+    # --- set-up -----------------------------------------------------------------
+    def _check_loss(self) -> None:
+        """Fail now, not at the first product, for a loss the fisher type cannot use."""
+        if self._fisher_type == FisherType.TYPE2 and isinstance(self._loss, CallableLoss):
+            raise type_error(
+                "loss_func",
+                "MSELoss, CrossEntropyLoss or BCEWithLogitsLoss for fisher_type='type-2' "
+                "(a closed-form output Hessian)",
+                self._loss.fn,
+                "Use fisher_type='mc' or 'empirical', or one of these losses.",
+            )
+        if self._fisher_type == FisherType.MC:
+            self._loss.sample_noise(self.backend, (1,), 1, 0)  # raises for callables
+
+    def _check_deterministic(self) -> None:
+        """The base checks (data, model, a finite product), then the factors twice."""
+        super()._check_deterministic()
+        first = (dict(self._input_covariances), dict(self._gradient_covariances))
+        self.compute_kronecker_factors()
+        second = (self._input_covariances, self._gradient_covariances)
+        for before, after in zip(first, second):
+            for name, factor in before.items():
+                if not _close(self.backend, factor, after[name]):
+                    raise RuntimeError(
+                        f"{type(self).__name__}: two computations of the Kronecker factors "
+                        f"of layer {name!r} differ. Is the model or the data random? Pass "
+                        "check_deterministic=False to skip this check."
+                    )
+
+    def __repr__(self) -> str:
+        """The base's description, plus which parameters each layer holds."""
+        names = self.backend.param_names
+        layers = {
+            layer: [names[position] for position in parts.values()]
+            for layer, parts in self._mapping.items()
+        }
+        return f"{super().__repr__()[:-1]}, layers={layers}>"
+
+    def _is_joint(self, name: str) -> bool:
+        """Whether layer ``name``'s weight and bias share one Kronecker block."""
+        return not self._separate_weight_and_bias and len(self._mapping[name]) == 2
+
+    # --- the Kronecker factors ----------------------------------------------------
+    def compute_kronecker_factors(self) -> None:
+        """Compute the Kronecker factors from the data (replacing earlier ones)."""
+        inputs: dict[str, Any] = {}
+        gradients: dict[str, Any] = {}
+        for index, X, y, n in self._batches("KFAC factors"):
+            if n == 0:  # an empty batch adds nothing
+                continue
+            self._accumulate_batch(index, X, y, n, inputs, gradients)
+        if self._fisher_type == FisherType.FORWARD_ONLY:
+            # identity gradient covariances, as curvlinops-for-pytorch sets them
+            gradients = {name: self.backend.eye(self._output_size(name)) for name in self._mapping}
+        self._check_all_layers_called(inputs, gradients)
+        self._input_covariances, self._gradient_covariances = inputs, gradients
+
+    def _check_all_layers_called(self, inputs: dict, gradients: dict) -> None:
+        uncalled = [
+            name
+            for name, parts in self._mapping.items()
+            if name not in gradients or ("weight" in parts and name not in inputs)
+        ]
+        if uncalled:
+            raise value_error(
+                "model_func",
+                "a forward pass that calls every layer whose parameters are in params",
+                f"layers {uncalled} not called on the data",
+                "Leave their parameters out of params.",
+            )
+
+    def _output_size(self, name: str) -> int:
+        parts = self._mapping[name]
+        if "bias" in parts:
+            return self.backend.param_shapes[parts["bias"]][0]
+        out_axis = _weight_layout(self, name)[0]
+        return self.backend.param_shapes[parts["weight"]][out_axis]
+
+    def _accumulate_batch(
+        self, index: int, X: Any, y: Any, n: int, inputs: dict, gradients: dict
+    ) -> None:
+        b = self.backend
+        self._capture.prepare(X)  # JAX: trace the model outside the compiled function
+        batch_factors = self._compiled("_batch_factors")
+        batch_inputs, batch_gradients = batch_factors(
+            b.primals, X, y, self._noise(index, X), self._weight(n)
+        )
+        for name, value in batch_inputs.items():
+            _add_to(inputs, name, value)
+        for name, value in batch_gradients.items():
+            _add_to(gradients, name, value)
+
+    def _batch_factors(
+        self, primals: Any, X: Any, y: Any, noise: Any, weight: Any
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """One batch's parts of ``A`` and ``G``, per layer (compiled by JAX)."""
+        with_gradients = self._fisher_type != FisherType.FORWARD_ONLY
+        forward = self._capture.forward(self.backend.model_fn, primals, X, with_gradients)
+        z, layer_inputs, pullback = forward
+        inputs = {name: self._input_covariance(name, a) for name, a in layer_inputs.items()}
+        if pullback is None:
+            return inputs, {}
+        columns, scale = self._output_cotangents(z, y, noise, weight)
+        gradients = {
+            name: scale * self._gradient_covariance(g) for name, g in pullback(columns).items()
+        }
+        return inputs, gradients
+
+    def _noise(self, index: int, X: Any) -> Any:
+        """The random numbers of batch ``index``'s ``mc`` draws (those of FisherMC), else None."""
+        if self._fisher_type != FisherType.MC:
+            return None
+        shapes = self.__dict__.setdefault("_output_shapes", {})
+        if index not in shapes:
+            b = self.backend
+            shapes[index] = tuple(b.model_fn(b.primals, X).shape)
+        seed = batch_seed(self._seed, index)
+        return self._loss.sample_noise(self.backend, shapes[index], self._mc_samples, seed)
+
+    def _input_covariance(self, name: str, a: Any) -> Any:
+        """One batch's part of ``A`` from inputs ``(n, S, d_in)``."""
+        xp = self.backend.xp
+        n, S, d_in = a.shape
+        if self._kfac_approx == KFACType.EXPAND:
+            a, divisor = xp.reshape(a, (n * S, d_in)), self.num_data * S
+        else:
+            a, divisor = xp.mean(a, axis=1), self.num_data
+        if self._is_joint(name):
+            ones = xp.ones_like(a[:, :1])
+            a = xp.concat([a, ones], axis=1)
+        return (a.T @ a) / divisor
+
+    def _gradient_covariance(self, g: Any) -> Any:
+        """One batch's ``Σ g gᵀ`` from output gradients ``(k, n, S, d_out)``."""
+        xp = self.backend.xp
+        k, n, S, d_out = g.shape
+        if self._kfac_approx == KFACType.EXPAND:
+            g = xp.reshape(g, (k * n * S, d_out))
+        else:
+            g = xp.reshape(xp.sum(g, axis=2), (k * n, d_out))
+        return g.T @ g
+
+    def _output_cotangents(self, z: Any, y: Any, noise: Any, weight: Any) -> tuple[Any, Any]:
+        """Columns ``(k, *z.shape)`` to backpropagate, and the factor of their covariance."""
+        b, loss = self.backend, self._loss
+        scale = weight * loss.normalization(z) * self._terms_correction(z)
+        if self._fisher_type == FisherType.TYPE2:
+            return _hessian_sqrt_term_columns(b, loss, z), scale
+        if self._fisher_type == FisherType.MC:
+            return loss.sampled_gradient(b, z, noise), scale / self._mc_samples
+        return loss.output_gradient(b, z, y)[None], scale
+
+    def _terms_correction(self, z: Any) -> float:
+        """A user's ``num_per_example_loss_terms`` in the ``"mean"`` normalisation.
+
+        curvlinops-for-pytorch normalises by the number it is given; with the
+        number read off the outputs this factor is 1.
+        """
+        given = self._num_per_example_loss_terms
+        if given is None or self._loss.reduction != "mean":
+            return 1.0
+        return given / self._loss.terms_per_example(tuple(z.shape))
+
+    def _factors_ready(self) -> None:
+        if not (self._input_covariances or self._gradient_covariances):
+            self.compute_kronecker_factors()
+
+    # --- products ---------------------------------------------------------------
+    def _native(self, X: Any, adjoint: bool) -> Any:
+        self._factors_ready()
+
+        def multiply(name: str, part: str, M: Any) -> Any:
+            A = self._input_covariances.get(name) if part != "bias" else None
+            return _sandwich(self.backend.xp, self._gradient_covariances[name], M, A)
+
+        return _blockwise(self, X, multiply)
+
+    # --- checkpoints ------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Options, the model's state and the Kronecker factors, with curvlinops-for-pytorch's keys.
+
+        The closed forms are not cached here: ``trace``, ``det``, ``logdet``
+        and ``frobenius_norm`` are saved as ``None``.
+        """
+        loss = self._loss
+        if isinstance(loss, CallableLoss):
+            raise type_error(
+                "loss_func",
+                "MSELoss, CrossEntropyLoss or BCEWithLogitsLoss to save the operator",
+                loss.fn,
+                "A callable cannot be saved; rebuild the operator with it instead.",
+            )
+        state = {
+            "model_func_state_dict": self._capture.model_state(),
+            "loss_type": type(loss).__name__,
+            "loss_reduction": loss.reduction,
+            "progressbar": self._progressbar,
+            "seed": self._seed,
+            "fisher_type": self._fisher_type,
+            "mc_samples": self._mc_samples,
+            "kfac_approx": self._kfac_approx,
+            "num_per_example_loss_terms": self._num_per_example_loss_terms,
+            "separate_weight_and_bias": self._separate_weight_and_bias,
+            "num_data": self.num_data,
+            "input_covariances": self._input_covariances,
+            "gradient_covariances": self._gradient_covariances,
+            **dict.fromkeys(("trace", "det", "logdet", "frobenius_norm")),
+        }
+        if hasattr(loss, "class_axis"):  # our addition: where cross-entropy's classes are
+            state["loss_class_axis"] = loss.class_axis
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a :meth:`state_dict`: the model's parameters are overwritten (with a warning)."""
+        warnings.warn(
+            "Loading a state dict will overwrite the parameters of the model underlying "
+            "the linear operator!",
+            UserWarning,
+            stacklevel=2,
+        )
+        self._check_loss_matches(state_dict)
+        if state_dict["num_data"] != self.num_data:
+            raise value_error(
+                "state_dict['num_data']",
+                f"the number of data points of this operator's data ({self.num_data})",
+                str(state_dict["num_data"]),
+            )
+        self._capture.load_model_state(state_dict["model_func_state_dict"])
+        self._progressbar = bool(state_dict["progressbar"])
+        self._seed = check_seed(state_dict["seed"])
+        self._fisher_type = check_enum(state_dict["fisher_type"], FisherType, "fisher_type")
+        self._mc_samples = check_mc_samples(state_dict["mc_samples"])
+        self._kfac_approx = check_enum(state_dict["kfac_approx"], KFACType, "kfac_approx")
+        self._num_per_example_loss_terms = state_dict["num_per_example_loss_terms"]
+        self._separate_weight_and_bias = bool(state_dict["separate_weight_and_bias"])
+        for key in ("input_covariances", "gradient_covariances"):
+            self._check_layer_keys(state_dict[key], f"state_dict[{key!r}]")
+        self._input_covariances = dict(state_dict["input_covariances"])
+        self._gradient_covariances = dict(state_dict["gradient_covariances"])
+
+    @classmethod
+    def from_state_dict(
+        cls,
+        state_dict: dict[str, Any],
+        model_func: Any,
+        params: Any,
+        data: Any,
+        check_deterministic: bool = True,
+        batch_size_fn: Callable[[Any], int] | None = None,
+    ) -> KFACLinearOperator:
+        """A new operator from a :meth:`state_dict`, the model, its parameters and the data."""
+        from curvlinops import losses
+
+        loss_class = getattr(losses, state_dict["loss_type"])
+        options = {"reduction": state_dict["loss_reduction"]}
+        if "loss_class_axis" in state_dict:
+            options["class_axis"] = state_dict["loss_class_axis"]
+        elif loss_class is losses.CrossEntropyLoss:  # a state of curvlinops-for-pytorch
+            options["class_axis"] = 1
+        operator = cls(
+            model_func,
+            loss_class(**options),
+            params,
+            data,
+            batch_size_fn=batch_size_fn,
+            check_deterministic=False,
+            progressbar=state_dict["progressbar"],
+            seed=state_dict["seed"],
+            fisher_type=state_dict["fisher_type"],
+            mc_samples=state_dict["mc_samples"],
+            kfac_approx=state_dict["kfac_approx"],
+            num_per_example_loss_terms=state_dict["num_per_example_loss_terms"],
+            separate_weight_and_bias=state_dict["separate_weight_and_bias"],
+            num_data=state_dict["num_data"],
+        )
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Loading a state dict", UserWarning)
+            operator.load_state_dict(state_dict)
+        if check_deterministic:
+            operator._check_deterministic()
+        return operator
+
+    def _check_loss_matches(self, state_dict: dict[str, Any]) -> None:
+        saved = (state_dict["loss_type"], state_dict["loss_reduction"])
+        own = (type(self._loss).__name__, self._loss.reduction)
+        if saved != own:
+            raise value_error(
+                "state_dict",
+                f"a state of an operator with the loss {own[0]}(reduction={own[1]!r})",
+                f"{saved[0]}(reduction={saved[1]!r})",
+            )
+
+    def _check_layer_keys(self, factors: dict, argument: str) -> None:
+        if factors and not set(factors) <= set(self._mapping):
+            raise value_error(
+                argument,
+                f"factors of this operator's layers {list(self._mapping)}",
+                f"unknown layers {sorted(set(factors) - set(self._mapping))}",
+            )
+
+    # --- closed forms -----------------------------------------------------------
+    def _block_factors(self) -> list[tuple[Any, Any]]:
+        """``(G, A)`` of every Kronecker block (``A`` is ``None`` for a bias alone)."""
+        self._factors_ready()
+        blocks = []
+        for name, parts in self._mapping.items():
+            G = self._gradient_covariances[name]
+            if self._is_joint(name):
+                blocks.append((G, self._input_covariances[name]))
+                continue
+            for part in parts:
+                blocks.append((G, self._input_covariances[name] if part == "weight" else None))
+        return blocks
+
+    @property
+    def trace(self) -> Any:
+        r"""Trace, from :math:`\mathrm{tr}(G \otimes A) = \mathrm{tr}(G)\,\mathrm{tr}(A)`."""
+        linalg = self.backend.xp.linalg
+        return sum(
+            linalg.trace(G) * (1.0 if A is None else linalg.trace(A))
+            for G, A in self._block_factors()
+        )
+
+    @property
+    def det(self) -> Any:
+        r"""Determinant, from :math:`\det(G \otimes A) = \det(G)^{n_A} \det(A)^{n_G}`."""
+        linalg = self.backend.xp.linalg
+        result = 1.0
+        for G, A in self._block_factors():
+            n_A = 1 if A is None else A.shape[0]
+            result = result * linalg.det(G) ** n_A
+            if A is not None:
+                result = result * linalg.det(A) ** G.shape[0]
+        return result
+
+    @property
+    def logdet(self) -> Any:
+        r"""Log-determinant, :math:`\sum n_A \log\det G + n_G \log\det A` (stabler than ``det``)."""
+        result = 0.0
+        for G, A in self._block_factors():
+            n_A = 1 if A is None else A.shape[0]
+            result = result + n_A * _logdet(self.backend.xp, G)
+            if A is not None:
+                result = result + G.shape[0] * _logdet(self.backend.xp, A)
+        return result
+
+    @property
+    def frobenius_norm(self) -> Any:
+        r"""Frobenius norm, from :math:`\|G \otimes A\|_F = \|G\|_F \|A\|_F`."""
+        xp = self.backend.xp
+        squared = sum(
+            xp.sum(G * G) * (1.0 if A is None else xp.sum(A * A)) for G, A in self._block_factors()
+        )
+        return xp.sqrt(squared)
+
+
+class KFACInverseLinearOperator(LinearOperator):
+    r"""Inverse of a damped :class:`KFACLinearOperator`, block by block.
+
+    By default each block's factors are damped and inverted by Cholesky:
+    :math:`(G + \delta_G I)^{-1} \otimes (A + \delta_A I)^{-1}`, with
+    :math:`\delta_A = \delta_G =` ``damping`` (a pair ``(δ_A, δ_G)`` sets them
+    apart). ``use_heuristic_damping`` sets :math:`\delta_A = \max(\pi
+    \sqrt{\lambda}, \delta_\min)`, :math:`\delta_G = \max(\sqrt{\lambda} / \pi,
+    \delta_\min)` with :math:`\pi = \sqrt{(\mathrm{tr}A / n_A) / (\mathrm{tr}G /
+    n_G)}` (Martens & Grosse 2015, section 6.3). ``use_exact_damping``
+    inverts :math:`G \otimes A + \lambda I` exactly, from the factors'
+    eigendecompositions. As in curvlinops-for-pytorch 3.0.1.
+
+    Args:
+        A: The KFAC operator.
+        damping: :math:`\lambda` (or a pair ``(δ_A, δ_G)`` without heuristic
+            or exact damping).
+        use_heuristic_damping: Martens & Grosse's damping split.
+        min_damping: :math:`\delta_\min` of the heuristic.
+        use_exact_damping: Invert :math:`G \otimes A + \lambda I`.
+        cache: Keep the inverted (or decomposed) factors between products.
+        retry_double_precision: Retry a failed Cholesky in float64.
+
+    Example:
+        >>> import numpy as np, torch
+        >>> from curvlinops import KFACInverseLinearOperator, KFACLinearOperator
+        >>> model = torch.nn.Linear(3, 2).double()
+        >>> X, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+        >>> K = KFACLinearOperator(model, torch.nn.MSELoss(), list(model.parameters()),
+        ...                        [(X, y)], fisher_type="type-2")
+        >>> K_inv = KFACInverseLinearOperator(K, damping=0.1, use_exact_damping=True)
+        >>> v = np.random.default_rng(0).normal(size=8)
+        >>> bool(np.allclose(K_inv @ (K @ v + 0.1 * v), v))
+        True
+    """
+
+    is_symmetric = True
+    _params_in = _params_out = True
+
+    def __init__(
+        self,
+        A: KFACLinearOperator,
+        damping: float | tuple[float, float] = 0.0,
+        use_heuristic_damping: bool = False,
+        min_damping: float = 1e-8,
+        use_exact_damping: bool = False,
+        cache: bool = True,
+        retry_double_precision: bool = True,
+    ) -> None:
+        if not isinstance(A, KFACLinearOperator):
+            raise type_error("A", "a KFACLinearOperator or EKFACLinearOperator", A)
+        if isinstance(A, EKFACLinearOperator) and not use_exact_damping:
+            raise value_error(
+                "use_exact_damping",
+                "True for an EKFACLinearOperator (its eigenvalues are damped directly)",
+                "False",
+                "Pass use_exact_damping=True.",
+            )
+        if use_heuristic_damping and use_exact_damping:
+            raise value_error(
+                "use_heuristic_damping/use_exact_damping",
+                "at most one of them",
+                "both True",
+                "Choose the heuristic split of the damping or exact damping.",
+            )
+        _check_damping(damping, use_heuristic_damping or use_exact_damping)
+        self._A = A
+        self.backend = A.backend
+        self._damping = damping
+        self._use_heuristic_damping = bool(use_heuristic_damping)
+        self._min_damping = float(min_damping)
+        self._use_exact_damping = bool(use_exact_damping)
+        self._cache = bool(cache)
+        self._retry_double_precision = bool(retry_double_precision)
+        self._inverse_input_covariances: dict[str, Any] = {}
+        self._inverse_gradient_covariances: dict[str, Any] = {}
+        super().__init__(A.dtype, A.shape)
+
+    def _native(self, X: Any, adjoint: bool) -> Any:
+        A = self._A
+        A._factors_ready()
+        xp = self.backend.xp
+        if isinstance(A, EKFACLinearOperator):
+
+            def damped_inverse(name: str, part: str, M: Any) -> Any:
+                Q_G, Q_A, values = A._eigenbasis(name, part)
+                return _scale_in_eigenbasis(xp, Q_G, Q_A, M, 1.0 / (values + self._damping))
+
+            return _blockwise(A, X, damped_inverse)
+        factors = {name: self._inverse_factors(name) for name in A._mapping}
+
+        def multiply(name: str, part: str, M: Any) -> Any:
+            inv_A, inv_G = factors[name]
+            if self._use_exact_damping:
+                return _exact_damped_solve(
+                    xp, inv_G, None if part == "bias" else inv_A, M, self._damping
+                )
+            return _sandwich(xp, inv_G, M, None if part == "bias" else inv_A)
+
+        return _blockwise(A, X, multiply)
+
+    def _inverse_factors(self, name: str) -> tuple[Any, Any]:
+        """Inverted damped factors (or eigendecompositions, for exact damping), maybe cached."""
+        if name in self._inverse_gradient_covariances:
+            return self._inverse_input_covariances.get(name), self._inverse_gradient_covariances[
+                name
+            ]
+        aaT = self._A._input_covariances.get(name)
+        ggT = self._A._gradient_covariances[name]
+        if self._use_exact_damping:
+            xp = self.backend.xp
+            inv_A = None if aaT is None else xp.linalg.eigh(aaT)
+            inv_G = xp.linalg.eigh(ggT)
+        else:
+            damping_A, damping_G = self._split_damping(aaT, ggT)
+            inv_A = None if aaT is None else self._damped_inverse(aaT, damping_A)
+            inv_G = self._damped_inverse(ggT, damping_G)
+        if self._cache:
+            if inv_A is not None:
+                self._inverse_input_covariances[name] = inv_A
+            self._inverse_gradient_covariances[name] = inv_G
+        return inv_A, inv_G
+
+    def _split_damping(self, aaT: Any, ggT: Any) -> tuple[float, float]:
+        """``(δ_A, δ_G)``: the heuristic split where it applies, else the damping given."""
+        if self._use_heuristic_damping and aaT is not None:
+            linalg = self.backend.xp.linalg
+            mean_A = float(linalg.trace(aaT)) / aaT.shape[0]
+            mean_G = float(linalg.trace(ggT)) / ggT.shape[0]
+            if mean_A >= 0.0 and mean_G > 0.0:
+                ratio, root = math.sqrt(mean_A / mean_G), math.sqrt(self._damping)
+                return (
+                    max(root * ratio, self._min_damping),
+                    max(root / ratio, self._min_damping),
+                )
+        if isinstance(self._damping, tuple):
+            return self._damping
+        return self._damping, self._damping
+
+    def _damped_inverse(self, M: Any, damping: float) -> Any:
+        """``(M + δ I)⁻¹`` by Cholesky, retried in float64 if it fails in lower precision."""
+        try:
+            return _cholesky_inverse(self.backend, M, damping)
+        except ValueError as error:
+            xp = self.backend.xp
+            if not self._retry_double_precision or M.dtype == xp.float64:
+                raise
+            warnings.warn(
+                f"KFACInverseLinearOperator: Cholesky failed in {M.dtype} ({error}); "
+                "retrying in float64.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            inverse = _cholesky_inverse(self.backend, xp.astype(M, xp.float64), damping)
+            return xp.astype(inverse, M.dtype)
+
+
+class EKFACLinearOperator(KFACLinearOperator):
+    r"""Eigenvalue-corrected KFAC (George et al. 2018), block-diagonal over layers.
+
+    .. math::
+        F_W \approx (Q_G \otimes Q_A) \, \mathrm{diag}(\Lambda) \,
+        (Q_G \otimes Q_A)^\top, \qquad
+        \Lambda = c \sum_{n,j} \big(Q_G^\top \, \textstyle\sum_s g_{nsj} a_{ns}^\top
+        \, Q_A\big)^{\odot 2},
+
+    with :math:`Q_A, Q_G` the eigenvectors of KFAC's factors (see
+    :class:`KFACLinearOperator`, whose options it takes, except
+    ``fisher_type="forward-only"``) and :math:`\Lambda` the second moments of
+    the per-example gradients in that basis: the diagonal closest to the
+    block in the Frobenius norm among those in the basis. A bias block uses
+    :math:`\sum_s g_{nsj}` alone. As in curvlinops-for-pytorch 3.0.1, the
+    model's outputs must be ``(N, C)`` (per-example gradients of coupled loss
+    terms are not formed). :meth:`compute_eigenvalue_correction` computes
+    :math:`\Lambda` (at the first product if not before) in a second pass over
+    the data.
+
+    Example:
+        >>> import numpy as np, torch
+        >>> from curvlinops import EKFACLinearOperator, KFACLinearOperator
+        >>> model = torch.nn.Linear(3, 2).double()
+        >>> X, y = torch.randn(1, 3, dtype=torch.float64), torch.randn(1, 2, dtype=torch.float64)
+        >>> args = (model, torch.nn.MSELoss(), list(model.parameters()), [(X, y)])
+        >>> E = EKFACLinearOperator(*args, fisher_type="type-2")
+        >>> K = KFACLinearOperator(*args, fisher_type="type-2")
+        >>> bool(np.allclose(E @ np.eye(8), K @ np.eye(8)))  # exact for one data point
+        True
+    """
+
+    def __init__(
+        self, model_func: Any, loss_func: Any, params: Any, data: Any, **options: Any
+    ) -> None:
+        fisher_type = check_enum(
+            options.get("fisher_type", FisherType.MC), FisherType, "fisher_type"
+        )
+        if fisher_type == FisherType.FORWARD_ONLY:
+            raise value_error(
+                "fisher_type",
+                "'type-2', 'mc' or 'empirical' for EKFAC",
+                repr(fisher_type.value),
+                "EKFAC corrects eigenvalues with output gradients, which forward-only has not.",
+            )
+        self._input_covariances_eigenvectors: dict[str, Any] = {}
+        self._gradient_covariances_eigenvectors: dict[str, Any] = {}
+        self._corrected_eigenvalues: dict[str, Any] = {}
+        check = options.pop("check_deterministic", True)
+        super().__init__(model_func, loss_func, params, data, check_deterministic=False, **options)
+        if check:
+            self._check_deterministic()
+
+    def state_dict(self) -> dict[str, Any]:
+        """KFAC's state, plus the eigenvectors and corrected eigenvalues."""
+        return {
+            **super().state_dict(),
+            "input_covariances_eigenvectors": self._input_covariances_eigenvectors,
+            "gradient_covariances_eigenvectors": self._gradient_covariances_eigenvectors,
+            "cached_activations": {},
+            "corrected_eigenvalues": self._corrected_eigenvalues,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a :meth:`state_dict` (the model's parameters are overwritten)."""
+        super().load_state_dict(state_dict)
+        for key in ("input_covariances_eigenvectors", "gradient_covariances_eigenvectors"):
+            self._check_layer_keys(state_dict[key], f"state_dict[{key!r}]")
+        self._input_covariances_eigenvectors = dict(state_dict["input_covariances_eigenvectors"])
+        self._gradient_covariances_eigenvectors = dict(
+            state_dict["gradient_covariances_eigenvectors"]
+        )
+        self._corrected_eigenvalues = dict(state_dict["corrected_eigenvalues"])
+
+    def compute_kronecker_factors(self) -> None:
+        """Compute the Kronecker factors; the eigencorrection is then recomputed too."""
+        super().compute_kronecker_factors()
+        self._corrected_eigenvalues = {}
+
+    def compute_eigenvalue_correction(self) -> None:
+        """Eigenvectors of the factors, then the corrected eigenvalues from the data."""
+        super()._factors_ready()
+        eigh = self.backend.xp.linalg.eigh
+        self._input_covariances_eigenvectors = {
+            name: eigh(A)[1] for name, A in self._input_covariances.items()
+        }
+        self._gradient_covariances_eigenvectors = {
+            name: eigh(G)[1] for name, G in self._gradient_covariances.items()
+        }
+        corrections: dict[str, Any] = {}
+        b = self.backend
+        for index, X, y, n in self._batches("EKFAC eigenvalue correction"):
+            if n == 0:  # an empty batch adds nothing
+                continue
+            z, layer_inputs, pullback = self._capture.forward(b.model_fn, b.primals, X, True)
+            _check_two_dimensional(z)
+            noise = self._noise(index, X)
+            columns, scale = self._output_cotangents(z, y, noise, self._weight(n))
+            for name, g in pullback(columns).items():
+                for key, value in self._layer_correction(name, layer_inputs.get(name), g).items():
+                    _add_to(corrections, (name, key), scale * value)
+        self._corrected_eigenvalues = _nest_corrections(corrections, self._mapping, self._is_joint)
+
+    def _layer_correction(self, name: str, a: Any, g: Any) -> dict[Any, Any]:
+        """Per block of layer ``name``: Σ over examples and columns of rotated gradients squared."""
+        xp = self.backend.xp
+        g_rotated = g @ self._gradient_covariances_eigenvectors[name]  # (k, n, S, d_out)
+        parts = self._mapping[name]
+        if self._is_joint(name):
+            ones = xp.ones_like(a[..., :1])
+            a = xp.concat([a, ones], axis=-1)
+            return {
+                "joint": _rotated_square_sum(
+                    xp, g_rotated, a, self._input_covariances_eigenvectors[name]
+                )
+            }
+        result = {}
+        for part, position in parts.items():
+            if part == "bias":
+                summed = xp.sum(g_rotated, axis=2)  # (k, n, d_out)
+                result[position] = xp.sum(summed * summed, axis=(0, 1))
+            else:
+                result[position] = _rotated_square_sum(
+                    xp, g_rotated, a, self._input_covariances_eigenvectors[name]
+                )
+        return result
+
+    def _factors_ready(self) -> None:
+        super()._factors_ready()
+        if not self._corrected_eigenvalues:
+            self.compute_eigenvalue_correction()
+
+    def _eigenbasis(self, name: str, part: str) -> tuple[Any, Any, Any]:
+        """``(Q_G, Q_A, Λ)`` of one block, ``Q_A`` ``None`` and ``Λ`` ``(d_out, 1)`` for a bias."""
+        Q_G = self._gradient_covariances_eigenvectors[name]
+        values = self._corrected_eigenvalues[name]
+        if part == "joint":
+            return Q_G, self._input_covariances_eigenvectors[name], values
+        values = values[self._mapping[name][part]]
+        if part == "bias":
+            return Q_G, None, values[:, None]
+        return Q_G, self._input_covariances_eigenvectors[name], values
+
+    def _native(self, X: Any, adjoint: bool) -> Any:
+        self._factors_ready()
+        xp = self.backend.xp
+
+        def multiply(name: str, part: str, M: Any) -> Any:
+            Q_G, Q_A, values = self._eigenbasis(name, part)
+            return _scale_in_eigenbasis(xp, Q_G, Q_A, M, values)
+
+        return _blockwise(self, X, multiply)
+
+    def _all_eigenvalues(self) -> list[Any]:
+        self._factors_ready()
+        values = []
+        for entry in self._corrected_eigenvalues.values():
+            values.extend(entry.values() if isinstance(entry, dict) else [entry])
+        return values
+
+    @property
+    def trace(self) -> Any:
+        """Trace: the sum of the corrected eigenvalues."""
+        xp = self.backend.xp
+        return sum(xp.sum(values) for values in self._all_eigenvalues())
+
+    @property
+    def det(self) -> Any:
+        """Determinant: the product of the corrected eigenvalues."""
+        xp = self.backend.xp
+        return math.prod(xp.prod(values) for values in self._all_eigenvalues())
+
+    @property
+    def logdet(self) -> Any:
+        """Log-determinant: the sum of the corrected eigenvalues' logarithms."""
+        xp = self.backend.xp
+        return sum(xp.sum(xp.log(values)) for values in self._all_eigenvalues())
+
+    @property
+    def frobenius_norm(self) -> Any:
+        """Frobenius norm: the 2-norm of the corrected eigenvalues."""
+        xp = self.backend.xp
+        return xp.sqrt(sum(xp.sum(values * values) for values in self._all_eigenvalues()))
+
+
+def _rotated_square_sum(xp: Any, g_rotated: Any, a: Any, Q_A: Any) -> Any:
+    """``Σ_{k,n} (Σ_s g̃_{kns} ãₙₛᵀ)²`` for ``g̃`` ``(k, n, S, d_out)`` and ``a`` ``(n, S, d_in)``."""
+    a_rotated = a @ Q_A
+    per_example = xp.matrix_transpose(g_rotated) @ a_rotated[None]  # (k, n, d_out, d_in)
+    return xp.sum(per_example * per_example, axis=(0, 1))
+
+
+def _nest_corrections(corrections: dict, mapping: dict, is_joint: Callable) -> dict[str, Any]:
+    """``{layer: Λ}`` for joint blocks, ``{layer: {position: Λ}}`` otherwise (as in 3.0.1)."""
+    nested: dict[str, Any] = {}
+    for name, parts in mapping.items():
+        if is_joint(name):
+            nested[name] = corrections[(name, "joint")]
+        else:
+            nested[name] = {position: corrections[(name, position)] for position in parts.values()}
+    return nested
+
+
+def _check_two_dimensional(z: Any) -> None:
+    if z.ndim != 2:
+        raise value_error(
+            "model_func",
+            "outputs of shape (N, C) for EKFAC (as in curvlinops-for-pytorch)",
+            f"outputs of shape {tuple(z.shape)}",
+            "Use KFACLinearOperator for models with sequence or image outputs.",
+        )
+
+
+# --- block structure, shared by KFAC and its inverse ------------------------------
+def _blockwise(op: KFACLinearOperator, X: Any, multiply: Callable[[str, str, Any], Any]) -> Any:
+    """Apply ``multiply(layer, part, M)`` to each block of ``X`` ``(P, K)``, in parameter order.
+
+    ``M`` is ``(d_out, d_in, K)`` for a weight (``d_in`` + 1 for a joint
+    weight and bias, ``part = "joint"``), ``(d_out, 1, K)`` for a bias.
+    """
+    b, xp = op.backend, op.backend.xp
+    shapes = b.param_shapes
+    sizes = [math.prod(shape) for shape in shapes]
+    offsets = np.cumsum([0, *sizes])
+    K = X.shape[1]
+
+    def block(position: int, layout: tuple[int, ...]) -> Any:
+        """Rows of one parameter as ``(d_out, d_in, K)``, its axes put in ``layout`` order."""
+        rows = X[int(offsets[position]) : int(offsets[position + 1])]
+        shaped = xp.permute_dims(xp.reshape(rows, (*shapes[position], K)), (*layout, len(layout)))
+        return xp.reshape(shaped, (shaped.shape[0], -1, K))
+
+    def unblock(R: Any, position: int, layout: tuple[int, ...]) -> Any:
+        """The inverse of ``block``: ``(size, K)`` rows in the parameter's own layout."""
+        permuted = xp.reshape(R, (*(shapes[position][axis] for axis in layout), K))
+        inverse = tuple(layout.index(axis) for axis in range(len(layout)))
+        return xp.reshape(xp.permute_dims(permuted, (*inverse, len(layout))), (sizes[position], K))
+
+    results: list[Any] = [None] * len(shapes)
+    for name, parts in op._mapping.items():
+        layouts = {part: _weight_layout(op, name) if part == "weight" else (0,) for part in parts}
+        if op._is_joint(name):
+            w, bias = parts["weight"], parts["bias"]
+            M = xp.concat([block(w, layouts["weight"]), block(bias, (0,))], axis=1)
+            R = multiply(name, "joint", M)
+            d_in = M.shape[1] - 1
+            results[w] = unblock(R[:, :d_in], w, layouts["weight"])
+            results[bias] = unblock(R[:, d_in:], bias, (0,))
+            continue
+        for part, position in parts.items():
+            R = multiply(name, part, block(position, layouts[part]))
+            results[position] = unblock(R, position, layouts[part])
+    return xp.concat(results, axis=0)
+
+
+def _weight_layout(op: KFACLinearOperator, name: str) -> tuple[int, ...]:
+    """The permutation of layer ``name``'s weight axes into ``(out, in, ...)`` order."""
+    layouts = getattr(op._capture, "weight_layouts", None)
+    if layouts is not None:
+        return layouts[name]
+    ndim = len(op.backend.param_shapes[op._mapping[name]["weight"]])
+    return tuple(range(ndim))
+
+
+def _sandwich(xp: Any, G: Any, M: Any, A: Any) -> Any:
+    """``G M A`` for each column of ``M`` ``(d_out, d_in, K)`` (``A`` ``None``: identity)."""
+    columns_first = xp.permute_dims(M, (2, 0, 1))
+    product = G @ columns_first if A is None else G @ columns_first @ A
+    return xp.permute_dims(product, (1, 2, 0))
+
+
+def _exact_damped_solve(xp: Any, eigen_G: Any, eigen_A: Any, M: Any, damping: float) -> Any:
+    """``(G ⊗ A + λ I)⁻¹ M`` in the factors' eigenbases (``A`` ``None``: the 1x1 identity)."""
+    values_G, vectors_G = eigen_G
+    if eigen_A is None:
+        values_A, vectors_A = xp.ones_like(values_G[:1]), None
+    else:
+        values_A, vectors_A = eigen_A
+    scale = 1.0 / (values_G[:, None] * values_A[None, :] + damping)
+    return _scale_in_eigenbasis(xp, vectors_G, vectors_A, M, scale)
+
+
+def _scale_in_eigenbasis(xp: Any, Q_G: Any, Q_A: Any, M: Any, scale: Any) -> Any:
+    """``(Q_G ⊗ Q_A) diag(s) (Q_G ⊗ Q_A)ᵀ M``; for a bias ``Q_A`` is ``None``, ``s`` ``(d, 1)``."""
+    rotated = _sandwich(xp, Q_G.T, M, Q_A)
+    return _sandwich(xp, Q_G, rotated * scale[:, :, None], None if Q_A is None else Q_A.T)
+
+
+def _cholesky_inverse(b: Any, M: Any, damping: float) -> Any:
+    xp = b.xp
+    damped = M + damping * b.eye(M.shape[0])
+    try:
+        L = xp.linalg.cholesky(damped)
+    except RuntimeError as error:  # torch.linalg.LinAlgError
+        raise _not_positive_definite(M.shape[0], damping) from error
+    if not b.all_finite(L):  # JAX returns NaN instead of raising
+        raise _not_positive_definite(M.shape[0], damping)
+    L_inv = xp.linalg.inv(L)
+    return L_inv.T @ L_inv
+
+
+def _not_positive_definite(n: int, damping: float) -> ValueError:
+    return value_error(
+        "damping",
+        f"a damping that makes the {n}x{n} Kronecker factor positive definite",
+        str(damping),
+        "Increase the damping (or use use_exact_damping=True with a positive damping).",
+    )
+
+
+def _check_damping(damping: Any, single: bool) -> None:
+    if isinstance(damping, tuple):
+        if single:
+            raise value_error(
+                "damping",
+                "one number for heuristic or exact damping",
+                f"the pair {damping!r}",
+            )
+        if len(damping) != 2 or not all(isinstance(d, (int, float)) for d in damping):
+            raise value_error("damping", "a number or a pair (δ_A, δ_G)", repr(damping))
+        return
+    if isinstance(damping, bool) or not isinstance(damping, (int, float, np.floating)):
+        raise type_error("damping", "a number or a pair (δ_A, δ_G)", damping)
+
+
+# --- helpers ----------------------------------------------------------------------
+def _capture(op: KFACLinearOperator, model_func: Any) -> Any:
+    """The framework's capture of layer inputs and output gradients."""
+    backend = op.backend
+    if backend.name == "jax":
+        module = importlib.import_module("curvlinops.backends._kfac_jax")
+        first_inputs = next(X for _, X, _, n in op._batches() if n)  # layers are traced on it
+        return module.JaxKFACCapture(backend, first_inputs)
+    module = importlib.import_module("curvlinops.backends._kfac_torch")
+    return module.TorchKFACCapture(model_func, list(backend.param_names))
+
+
+def _hessian_sqrt_term_columns(b: Any, loss: Any, z: Any) -> Any:
+    """Columns ``(C, *z.shape)``: column ``c`` holds the square root's column ``c`` of every term.
+
+    Backpropagating the columns of all terms together, one per entry of a
+    term, is what curvlinops-for-pytorch does (``C`` passes, not one per
+    output entry); it is exact where positions do not mix.
+    """
+    xp = b.xp
+    axis = loss._term_axis(z.ndim)
+    if axis is None:
+        unit = xp.ones_like(z)[None]  # one column: every entry is a term
+    else:
+        C = z.shape[axis]
+        shape = [1] * z.ndim
+        shape[axis] = C
+        unit = xp.reshape(b.eye(C), (C, *shape))
+    return loss._hessian_sqrt(b, z, unit)
+
+
+def _add_to(totals: dict, name: str, value: Any) -> None:
+    totals[name] = value if name not in totals else totals[name] + value
+
+
+def _logdet(xp: Any, M: Any) -> Any:
+    sign, logabsdet = xp.linalg.slogdet(M)
+    # a PSD factor: sign 0 means singular (log det = -inf, which logabsdet holds)
+    return xp.where(sign < 0, logabsdet * math.nan, logabsdet)
