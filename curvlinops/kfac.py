@@ -126,6 +126,9 @@ class KFACLinearOperator(CurvatureOperator):
         data: Re-iterable of ``(X, y)`` batches.
         progressbar, check_deterministic, num_data, batch_size_fn, backend: As
             for :class:`~curvlinops.GGNLinearOperator`.
+        process_group, sharding: Data parallelism, as for the other operators:
+            the factors are sums over all processes' (devices') data, the same
+            on every process.
         seed: Seed of the ``mc`` draws (the draws are those of
             :class:`~curvlinops.FisherMCLinearOperator` with this seed).
         fisher_type: A :class:`FisherType` or its string.
@@ -168,6 +171,8 @@ class KFACLinearOperator(CurvatureOperator):
         num_data: int | None = None,
         batch_size_fn: Callable[[Any], int] | None = None,
         backend: str | None = None,
+        process_group: Any = None,
+        sharding: Any = None,
     ) -> None:
         self._fisher_type = check_enum(fisher_type, FisherType, "fisher_type")
         self._mc_samples = check_mc_samples(mc_samples)
@@ -198,6 +203,8 @@ class KFACLinearOperator(CurvatureOperator):
             num_data=num_data,
             batch_size_fn=batch_size_fn,
             backend=backend,
+            process_group=process_group,
+            sharding=sharding,
         )
         self._capture = _capture(self, model_func)
         self._mapping: dict[str, dict[str, int]] = self._capture.mapping
@@ -256,11 +263,32 @@ class KFACLinearOperator(CurvatureOperator):
             if n == 0:  # an empty batch adds nothing
                 continue
             self._accumulate_batch(index, X, y, n, inputs, gradients)
+        if self._comm.world_size > 1:
+            inputs, gradients = self._sum_over_processes(inputs, gradients)
         if self._fisher_type == FisherType.FORWARD_ONLY:
             # identity gradient covariances, as curvlinops-for-pytorch sets them
             gradients = {name: self.backend.eye(self._output_size(name)) for name in self._mapping}
         self._check_all_layers_called(inputs, gradients)
         self._input_covariances, self._gradient_covariances = inputs, gradients
+
+    def _sum_over_processes(self, inputs: dict, gradients: dict) -> tuple[dict, dict]:
+        """The factors of all processes' data (``process_group``), on every process.
+
+        Every process sums every factor in the layers' order; a process whose
+        shard holds no data adds zeros.
+        """
+        b, summed = self.backend, ({}, {})
+        for name, parts in self._mapping.items():
+            d_out = self._output_size(name)
+            if "weight" in parts:
+                d_in = math.prod(b.param_shapes[parts["weight"]]) // d_out
+                d_in += self._is_joint(name)
+                A = inputs.get(name, b.zeros((d_in, d_in)))
+                summed[0][name] = self._comm.all_reduce_sum(A)
+            if self._fisher_type != FisherType.FORWARD_ONLY:
+                G = gradients.get(name, b.zeros((d_out, d_out)))
+                summed[1][name] = self._comm.all_reduce_sum(G)
+        return summed
 
     def _check_all_layers_called(self, inputs: dict, gradients: dict) -> None:
         uncalled = [
@@ -819,7 +847,23 @@ class EKFACLinearOperator(KFACLinearOperator):
             for name, g in pullback(columns).items():
                 for key, value in self._layer_correction(name, layer_inputs.get(name), g).items():
                     _add_to(corrections, (name, key), scale * value)
+        if self._comm.world_size > 1:
+            corrections = self._sum_corrections_over_processes(corrections)
         self._corrected_eigenvalues = _nest_corrections(corrections, self._mapping, self._is_joint)
+
+    def _sum_corrections_over_processes(self, corrections: dict) -> dict:
+        """The corrections of all processes' data, in the layers' order (zeros for none)."""
+        summed = {}
+        for name, parts in self._mapping.items():
+            d_out = self._gradient_covariances_eigenvectors[name].shape[0]
+            for key in ["joint"] if self._is_joint(name) else list(parts.values()):
+                if key == parts.get("bias"):
+                    shape = (d_out,)
+                else:
+                    shape = (d_out, self._input_covariances_eigenvectors[name].shape[0])
+                local = corrections.get((name, key), self.backend.zeros(shape))
+                summed[(name, key)] = self._comm.all_reduce_sum(local)
+        return summed
 
     def _layer_correction(self, name: str, a: Any, g: Any) -> dict[Any, Any]:
         """Per block of layer ``name``: Σ over examples and columns of rotated gradients squared."""

@@ -29,6 +29,7 @@ from curvlinops import (  # noqa: E402
     GGNLinearOperator,
     HessianLinearOperator,
     JacobianLinearOperator,
+    KFACLinearOperator,
     losses,
 )
 
@@ -77,6 +78,7 @@ def operators(params, data, **options) -> dict:
         "H": HessianLinearOperator(mlp, ce, params, data, **options),
         "G": GGNLinearOperator(mlp, ce, params, data, **options),
         "J": JacobianLinearOperator(mlp, params, data, **options),
+        "K": KFACLinearOperator(mlp, ce, params, data, fisher_type="type-2", **options),
     }
 
 
@@ -89,6 +91,7 @@ def products(ops: dict, n: int = N, to_jax=jnp.asarray) -> dict[str, np.ndarray]
         "JV": ops["J"] @ V,
         "JtU": ops["J"].rmatmat(U),
         "eig": np.sort(eigsh(ops["H"], k=3, which="LA", rng=0)[0]),
+        "KV": ops["K"] @ V,
     }
 
 
@@ -163,7 +166,7 @@ def reference(n: int = N) -> dict[str, np.ndarray]:
 def check_against_reference(result: dict, expected: dict, name: str) -> None:
     from helpers import assert_close
 
-    for key in ("HV", "HV_jax", "GV", "JV", "JtU", "eig"):
+    for key in ("HV", "HV_jax", "GV", "JV", "JtU", "eig", "KV"):
         assert_close(result[key], expected[key], rtol=1e-10, name=f"{name} {key}")
 
 

@@ -29,9 +29,11 @@ if not dist.is_available():
 from scipy.sparse.linalg import eigsh  # noqa: E402
 
 from curvlinops import (  # noqa: E402
+    EKFACLinearOperator,
     GGNLinearOperator,
     HessianLinearOperator,
     JacobianLinearOperator,
+    KFACLinearOperator,
     TransposedJacobianLinearOperator,
 )
 
@@ -77,6 +79,12 @@ def operators(model, X, y, batches, **options) -> dict:
         "G": GGNLinearOperator(model, ce, params, data, **options),
         "J": JacobianLinearOperator(model, params, data, **options),
         "JT": TransposedJacobianLinearOperator(model, params, data, **options),
+        # Kronecker factors: sums over the data, whatever the shards
+        "K": KFACLinearOperator(model, ce, params, data, fisher_type="type-2", **options),
+        "K_ef": KFACLinearOperator(model, ce_sum, params, data, fisher_type="empirical", **options),
+        "E": EKFACLinearOperator(
+            model, ce, params, data, fisher_type="type-2", separate_weight_and_bias=False, **options
+        ),
     }
 
 
@@ -100,6 +108,9 @@ def products(ops: dict, rows: slice) -> dict[str, np.ndarray]:
         # the project's algorithms, unchanged: seeded probes are the same everywhere
         "trace": np.array(float(hutchinson_trace(ops["H"], 8, seed=0))),
         "cg": CGInverseLinearOperator(ops["G"], damping=1.0, tol=1e-12) @ V,
+        "KV": ops["K"] @ V,
+        "K_efV": ops["K_ef"] @ V,
+        "EV": ops["E"] @ V,
     }
 
 
@@ -271,10 +282,13 @@ def test_products_equal_one_process_over_all_data(world, products_run):
     results = [dict(np.load(products_run / f"world{world}" / f"rank{r}.npz")) for r in range(world)]
     expected = reference()
     for rank, result in enumerate(results):
-        for key in ("HV", "HV_torch", "H_sumV", "GV", "JtU", "JTU", "eig", "trace", "cg"):
+        for key in (
+            *("HV", "HV_torch", "H_sumV", "GV", "JtU", "JTU", "eig", "trace", "cg"),
+            *("KV", "K_efV", "EV"),
+        ):
             assert_close(result[key], expected[key], rtol=1e-10, name=f"rank {rank} {key}")
         # parameter-space results are bitwise identical on every process
-        for key in ("HV", "GV", "JtU", "eig", "trace", "cg"):
+        for key in ("HV", "GV", "JtU", "eig", "trace", "cg", "KV", "EV"):
             np.testing.assert_array_equal(result[key], results[0][key])
     # J @ v is sharded: each rank has its own rows, in rank order
     for key in ("JV", "JTtV"):
