@@ -19,7 +19,11 @@ up-weighting one training point on the loss at a test point, the *influence*
 (:func:`influence_on_test_loss`). Neither forms :math:`H^{-1}`: solves go
 through :class:`~curvlinops.inverse.CGInverseLinearOperator`, batched over
 columns, and mixed second derivatives are JVPs (VJPs for the adjoint) of the
-gradient with respect to the hyperparameters.
+gradient with respect to the hyperparameters. Given a
+:class:`~curvlinops.KFACLinearOperator` or
+:class:`~curvlinops.EKFACLinearOperator` as the curvature, both invert it from
+its Kronecker factors instead (EK-FAC influence, Grosse et al. 2023); given an
+operator that already is an inverse, they apply it as it is.
 """
 
 from __future__ import annotations
@@ -33,9 +37,10 @@ from scipy.sparse.linalg import LinearOperator as ScipyLinearOperator
 from curvlinops._base import LinearOperator
 from curvlinops._checks import shape_error, type_error, value_error
 from curvlinops._curvature import DEFAULT_COLUMNS_PER_PASS, _check_data, _split_batch
-from curvlinops._operand import check_int
+from curvlinops._operand import check_int, check_real
 from curvlinops.backends import Backend, make_backend
-from curvlinops.inverse import CGInverseLinearOperator
+from curvlinops.inverse import CGInverseLinearOperator, _InverseBase
+from curvlinops.kfac import KFACInverseLinearOperator, KFACLinearOperator
 
 __all__ = ["ResponseJacobianLinearOperator", "influence_on_test_loss"]
 
@@ -72,20 +77,30 @@ class ResponseJacobianLinearOperator(LinearOperator):
             follow their flattening order.
         data: A re-iterable of ``(X, y)`` batches, or ``None``.
         hessian: An operator for :math:`\nabla^2_w \mathcal{J}` (e.g. a GGN
-            plus the regulariser); default: Hessian-vector products of
-            ``objective``.
-        damping: :math:`\lambda \ge 0`, added for the solves.
+            plus the regulariser), solved by CG; a
+            :class:`~curvlinops.KFACLinearOperator` or
+            :class:`~curvlinops.EKFACLinearOperator` :math:`K` (e.g. of the
+            data term, with the L2 strength as ``damping``), inverted from its
+            factors as :math:`(K + \lambda I)^{-1}`; or an inverse operator
+            (:class:`~curvlinops.KFACInverseLinearOperator`,
+            :class:`~curvlinops.CGInverseLinearOperator`,
+            :class:`~curvlinops.NeumannInverseLinearOperator`), applied as it
+            is. Default: Hessian-vector products of ``objective``.
+        damping: :math:`\lambda \ge 0`, added for the solves (not with an
+            inverse operator, which holds its own damping).
         tol: Relative residual tolerance of CG (default: square root of the
-            dtype's machine epsilon).
-        maxiter: CG iterations at most (default ``10 P``).
+            dtype's machine epsilon; CG only).
+        maxiter: CG iterations at most (default ``10 P``; CG only).
         backend: ``"torch"``, ``"jax"`` or ``None`` to read it off ``params``.
         columns_per_pass: Columns per vectorised pass.
 
     Attributes:
         hessian: The operator :math:`\nabla^2_w \mathcal{J}` (``P × P``).
         mixed: The operator :math:`\nabla^2_{w\theta} \mathcal{J}` (``P × Q``).
-        inverse: The :class:`~curvlinops.inverse.CGInverseLinearOperator`; its
-            ``info`` reports the last solve.
+        inverse: The operator that applies :math:`(\nabla^2_w \mathcal{J} +
+            \lambda I)^{-1}`: a :class:`~curvlinops.inverse.CGInverseLinearOperator`
+            (its ``info`` reports the last solve), a
+            :class:`~curvlinops.KFACInverseLinearOperator`, or the inverse given.
 
     Example:
         >>> import torch
@@ -125,12 +140,7 @@ class ResponseJacobianLinearOperator(LinearOperator):
             else _check_hessian(hessian, P, problem.b)
         )
         self.mixed = _MixedSecondDerivative(problem, columns)
-        self.inverse = CGInverseLinearOperator(
-            self.hessian,
-            damping=damping,
-            tol=_default_tol(problem.b.dtype) if tol is None else tol,
-            maxiter=maxiter,
-        )
+        self.inverse = _damped_inverse(self.hessian, problem.b, damping, tol, maxiter)
         super().__init__(problem.b.dtype, (P, Q))
 
     def _native(self, X: Any, adjoint: bool) -> Any:
@@ -297,19 +307,36 @@ def influence_on_test_loss(
     training gradients by ``vmap``, ``examples_per_pass`` at a time; neither
     :math:`H^{-1}` nor an ``N × P`` matrix is formed.
 
+    **EK-FAC influence** (Grosse et al. 2023, as in kronfluence): pass a
+    :class:`~curvlinops.EKFACLinearOperator` (or a
+    :class:`~curvlinops.KFACLinearOperator`) :math:`K` as ``hessian``; then
+    :math:`(K + \lambda I)^{-1}` is applied from its factors' eigenbases
+    (``KFACInverseLinearOperator(K, damping=damping, use_exact_damping=True)``)
+    instead of a CG solve. An inverse built beforehand (e.g. a
+    :class:`~curvlinops.KFACInverseLinearOperator` with heuristic damping) is
+    applied as it is.
+
     Args:
-        hessian: The training objective's Hessian (``P × P``): e.g.
-            ``HessianLinearOperator(...) + lam * IdentityLinearOperator(...)``,
-            or a GGN for a positive definite approximation.
+        hessian: The training objective's Hessian (``P × P``), solved by
+            CG: e.g. ``HessianLinearOperator(...) + lam * IdentityLinearOperator(...)``,
+            or a GGN for a positive definite approximation. Or a
+            :class:`~curvlinops.KFACLinearOperator` /
+            :class:`~curvlinops.EKFACLinearOperator`, inverted from its
+            factors; or an inverse operator
+            (:class:`~curvlinops.KFACInverseLinearOperator`,
+            :class:`~curvlinops.CGInverseLinearOperator`,
+            :class:`~curvlinops.NeumannInverseLinearOperator`), used as
+            :math:`(H + \lambda I)^{-1}` as it is.
         model_func, loss_func, params: As for :class:`~curvlinops.HessianLinearOperator`;
             ``params`` are the trained weights.
         train_data: A re-iterable of ``(X, y)`` batches; the columns of the
             result follow its order.
         test_data: One batch ``(X_test, y_test)``; rows of the result.
-        damping: :math:`\lambda \ge 0`, added for the solve.
+        damping: :math:`\lambda \ge 0`, added for the solve (not with an
+            inverse operator, which holds its own damping).
         tol: Relative residual tolerance of CG (default: square root of the
-            dtype's machine epsilon).
-        maxiter: CG iterations at most (default ``10 P``).
+            dtype's machine epsilon; CG only).
+        maxiter: CG iterations at most (default ``10 P``; CG only).
         examples_per_pass: Training examples per vectorised gradient pass.
         backend: ``"torch"``, ``"jax"`` or ``None`` to read it off ``params``.
 
@@ -332,12 +359,7 @@ def influence_on_test_loss(
     b = make_backend(model_func, params, backend)
     hessian = _check_hessian(hessian, _size(b), b)
     per_example = _PerExampleGradients(b, b.loss(loss_func), examples_per_pass)
-    inverse = CGInverseLinearOperator(
-        hessian,
-        damping=damping,
-        tol=_default_tol(b.dtype) if tol is None else tol,
-        maxiter=maxiter,
-    )
+    inverse = _damped_inverse(hessian, b, damping, tol, maxiter)
     X_test, y_test = _check_test_data(test_data)
     G_test = per_example(b.import_batch(X_test, 0), b.import_batch(y_test, 0))
     S = inverse._native(G_test, False)  # (P, T): one solve per test point, batched
@@ -422,6 +444,49 @@ def _check_hessian(hessian: Any, P: int, b: Backend) -> Any:
     if other is not None and other.name != b.name:
         raise type_error("hessian", f"an operator of the {b.name} backend, like params", hessian)
     return hessian
+
+
+def _damped_inverse(
+    hessian: Any, b: Backend, damping: Any, tol: float | None, maxiter: int | None
+) -> Any:
+    r"""The operator applying :math:`(H + \lambda I)^{-1}` for a checked ``hessian``.
+
+    An inverse operator is used as it is; a KFAC or EKFAC operator is inverted
+    from its factors, with the damping added to the eigenvalues of its
+    Kronecker blocks; any other operator is solved by CG.
+    """
+    if isinstance(hessian, (KFACInverseLinearOperator, _InverseBase)):
+        if damping != 0.0:
+            raise value_error(
+                "damping",
+                f"0 when hessian is already an inverse ({type(hessian).__name__})",
+                repr(damping),
+                "Give the damping to the inverse when you build it.",
+            )
+        _check_no_cg_options(hessian, tol, maxiter)
+        return hessian
+    if isinstance(hessian, KFACLinearOperator):
+        _check_no_cg_options(hessian, tol, maxiter)
+        damping = check_real(damping, "damping", minimum=0.0)
+        return KFACInverseLinearOperator(hessian, damping=damping, use_exact_damping=True)
+    return CGInverseLinearOperator(
+        hessian,
+        damping=damping,
+        tol=_default_tol(b.dtype) if tol is None else tol,
+        maxiter=maxiter,
+    )
+
+
+def _check_no_cg_options(hessian: Any, tol: float | None, maxiter: int | None) -> None:
+    """``tol`` and ``maxiter`` are CG's: refuse them where no CG runs."""
+    for argument, value in (("tol", tol), ("maxiter", maxiter)):
+        if value is not None:
+            raise value_error(
+                argument,
+                f"None when hessian is a {type(hessian).__name__} (no CG solve runs)",
+                repr(value),
+                f"Leave {argument} out, or pass an operator to solve by CG.",
+            )
 
 
 def _check_test_data(test_data: Any) -> tuple[Any, Any]:

@@ -1124,5 +1124,6 @@ def _add_to(totals: dict, name: str, value: Any) -> None:
 
 def _logdet(xp: Any, M: Any) -> Any:
     sign, logabsdet = xp.linalg.slogdet(M)
-    # a PSD factor: sign 0 means singular (log det = -inf, which logabsdet holds)
-    return xp.where(sign < 0, logabsdet * math.nan, logabsdet)
+    # A factor is PSD: a sign of 0 or -1 (rounding, e.g. cross-entropy's rank C-1
+    # output factor in float32) means it is singular to working precision.
+    return xp.where(sign > 0, logabsdet, -math.inf)

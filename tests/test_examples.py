@@ -33,6 +33,7 @@ SCRIPTS = {
     "test_spectral_density": ("spectral_density.py", ["--out", "{out}"], HAS_JAX),
     "test_trace": ("trace.py", [], HAS_TORCH),
     "test_influence": ("influence.py", [], HAS_TORCH),
+    "test_kfac": ("kfac.py", [], HAS_TORCH),
     "test_gpu_dry_run": ("gpu.py", ["--dry-run"], HAS_TORCH),
 }
 
@@ -106,6 +107,28 @@ def test_influence(started):
     out, _ = run_example(started, "test_influence")
     r = float(re.search(r"r = ([0-9.]+)", out).group(1))
     assert r > 0.99
+
+
+@needs_torch
+def test_kfac(started):
+    out, _ = run_example(started, "test_kfac")
+    rows = {}
+    for name in ("GGN", "GGN blocks", "KFAC", "EKFAC"):
+        line = re.search(rf"^{name} +([-0-9. ]+)$", out, re.MULTILINE).group(1)
+        rows[name] = [float(x) for x in line.split()]
+    # columns: error vs GGN, error vs its blocks, top 3 eigenvalues, cosine to the GGN step
+    assert all(len(row) == 6 for row in rows.values())
+    assert rows["GGN"][0] == 0.0 and rows["GGN blocks"][1] == 0.0 and rows["GGN"][5] == 1.0
+    assert rows["EKFAC"][1] <= rows["KFAC"][1] < 0.5  # EKFAC is at least as close
+    for name in ("KFAC", "EKFAC"):
+        eigenvalues = rows[name][2:5]
+        assert eigenvalues == sorted(eigenvalues, reverse=True) and eigenvalues[0] > 0
+        assert 0.5 < rows[name][5] <= 1.0
+    closed, dense = re.search(r"trace ([0-9.]+) \(dense ([0-9.]+)\)", out).groups()
+    assert abs(float(closed) - float(dense)) <= 1.5e-6
+    if HAS_JAX:
+        difference = float(re.search(r"max \|factor_jax - factor_torch\| = (\S+)", out).group(1))
+        assert difference < 1e-10
 
 
 @needs_torch
