@@ -1,5 +1,15 @@
 #!/usr/bin/env bash
-# Sets up .venv with curvlinops, PyTorch (CPU) and JAX, and the test tools.
+# Sets up .venv with curvlinops, PyTorch (CPU) and JAX, the test tools, and the
+# two downstream packages the tests compare with:
+# - curvlinops-for-pytorch 3.0.1 in a folder of its own (.venv/curvlinops-for-pytorch):
+#   its top-level package is also called "curvlinops", so it must not go into
+#   site-packages (tests/test_kfac.py, tests/test_laplace_torch.py and the benchmarks
+#   put that folder first on sys.path when they want it);
+# - laplace-torch 0.3 and backpack-for-pytorch 1.7.1 without their declared
+#   dependencies (they require torchvision, which is not needed for what the tests
+#   use and does not import next to the CPU torch, and curvlinops-for-pytorch,
+#   which is the folder above); what they import at run time is the "downstream"
+#   extra.
 # torch is pinned in the same pip command as everything that depends on it:
 # a bare "torch" requirement would pull a multi-GB CUDA build.
 set -euo pipefail
@@ -8,5 +18,11 @@ PYTHON=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
-.venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet "torch==2.13.0" -e ".[torch,jax,test]"
+PIP=(.venv/bin/python -m pip install --quiet)
+"${PIP[@]}" --upgrade pip
+"${PIP[@]}" "torch==2.13.0" -e ".[torch,jax,test,bench,downstream]"
+"${PIP[@]}" --no-deps "laplace-torch==0.3" "backpack-for-pytorch==1.7.1"
+CFP=.venv/curvlinops-for-pytorch
+if [ ! -d "$CFP/curvlinops_for_pytorch-3.0.1.dist-info" ]; then
+  "${PIP[@]}" --no-deps --upgrade --target "$CFP" "curvlinops-for-pytorch==3.0.1"
+fi

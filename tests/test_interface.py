@@ -7,10 +7,13 @@ input's dtypes) and structure. Composites (sums, scalings, products, adjoints,
 powers) keep computing in the backend and stay array-agnostic.
 """
 
+from collections import OrderedDict, UserDict
+from collections.abc import Mapping
+
 import numpy as np
 import pytest
 import scipy.sparse.linalg as spla
-from cases import build
+from cases import build, numpy_data
 from helpers import assert_close, to_numpy
 
 import curvlinops
@@ -294,3 +297,34 @@ def test_todense_types(problem):
     eye = IdentityLinearOperator(4).todense()
     assert isinstance(eye, np.ndarray)
     np.testing.assert_array_equal(eye, np.eye(4))
+
+
+class _ReadOnlyMapping(Mapping):
+    """A mapping that is not a dict (as Hugging Face's ``BatchEncoding`` is a ``UserDict``)."""
+
+    def __init__(self, items):
+        self._items = dict(items)
+
+    def __getitem__(self, key):
+        return self._items[key]
+
+    def __iter__(self):
+        return iter(self._items)
+
+    def __len__(self):
+        return len(self._items)
+
+
+@pytest.mark.parametrize("mapping", [UserDict, OrderedDict, _ReadOnlyMapping])
+def test_inputs_in_any_mapping(backend_name, mapping):
+    """Inputs ``X`` in any mapping give the numbers of a plain dict."""
+    problem = build("dict-mse-mean", backend_name)
+    data = [(mapping(X), y) for X, y in numpy_data(problem.case)]
+    args = (problem.model_func, problem.loss_func, problem.params, data)
+    H = curvlinops.HessianLinearOperator(*args, **problem.options)
+    J = curvlinops.JacobianLinearOperator(
+        problem.model_func, problem.params, data, **problem.options
+    )
+    V = np.random.default_rng(0).normal(size=(H.shape[1], 2))
+    assert_close(H @ V, problem.operator("H") @ V, name="H V")
+    assert_close(J @ V, problem.operator("J") @ V, name="J V")

@@ -705,6 +705,7 @@ from torch import nn
 from curvlinops import EKFACLinearOperator, KFACInverseLinearOperator, KFACLinearOperator
 
 torch.set_default_dtype(torch.float64)
+torch.set_num_threads(1)  # tiny matrices: a second thread only waits (for long, on a busy machine)
 LOSSES = {"mse": nn.MSELoss, "ce": nn.CrossEntropyLoss, "bce": nn.BCEWithLogitsLoss}
 
 

@@ -13,7 +13,7 @@ back to the caller's library and device.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import array_api_compat
@@ -32,6 +32,7 @@ __all__ = [
     "is_host_array",
     "library_of",
     "map_structure",
+    "rebuild_mapping",
     "placement_error",
     "real_numeric",
     "to_device_of",
@@ -81,12 +82,24 @@ def is_torch_module(obj: Any) -> bool:
 
 
 def map_structure(fn: Callable[[Any], Any], tree: Any) -> Any:
-    """Apply ``fn`` to every leaf of nested lists, tuples and dicts."""
-    if isinstance(tree, dict):
-        return type(tree)((k, map_structure(fn, v)) for k, v in tree.items())
+    """Apply ``fn`` to every leaf of nested lists, tuples and mappings.
+
+    A mapping keeps its type where it can be built from a dict (``dict``,
+    ``UserDict``, Hugging Face's ``BatchEncoding``), and becomes a dict otherwise.
+    """
+    if isinstance(tree, Mapping):
+        return rebuild_mapping(tree, {k: map_structure(fn, v) for k, v in tree.items()})
     if isinstance(tree, (list, tuple)) and not hasattr(tree, "_fields"):
         return type(tree)(map_structure(fn, v) for v in tree)
     return fn(tree)
+
+
+def rebuild_mapping(like: Mapping, items: dict) -> Mapping:
+    """``items`` in a mapping of the type of ``like``, or a dict where that type cannot."""
+    try:
+        return type(like)(items)
+    except TypeError:  # e.g. a defaultdict, or a mapping with its own constructor
+        return items
 
 
 # --- devices ------------------------------------------------------------------

@@ -9,7 +9,7 @@ jit-compiled with parameters and data as arguments.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -28,6 +28,7 @@ from curvlinops.backends._arrays import (
     library_of,
     placement_error,
     real_numeric,
+    rebuild_mapping,
 )
 from curvlinops.backends._distributed import LOCAL, SingleProcess
 from curvlinops.backends._distributed_jax import BatchSharding, gather_global
@@ -94,7 +95,8 @@ class JaxBackend:
                 array = array.astype(np.float32)
             return jnp.asarray(array)
 
-        batch = jax.tree_util.tree_map(convert, batch)
+        # mappings JAX does not know as pytrees (UserDict, BatchEncoding) are read as dicts
+        batch = jax.tree_util.tree_map(convert, _plain_mappings(batch))
         if self._sharding is None:
             return jax.device_put(batch, self.device)  # committed, see _committed_to
         return self._sharding.place_batch(batch)
@@ -293,6 +295,18 @@ class JaxBackend:
             self._sharding = BatchSharding(sharding)
             self.primals = self._sharding.replicate(self.primals)
         return SingleProcess()
+
+
+def _plain_mappings(tree: Any) -> Any:
+    """``tree`` with every mapping that is not a dict (nor a JAX pytree node) as a dict."""
+    if isinstance(tree, Mapping) and not isinstance(tree, dict):
+        if jax.tree_util.all_leaves([tree]):  # not registered as a pytree node
+            return {k: _plain_mappings(v) for k, v in tree.items()}
+    if isinstance(tree, dict):
+        return rebuild_mapping(tree, {k: _plain_mappings(v) for k, v in tree.items()})
+    if isinstance(tree, (list, tuple)) and not hasattr(tree, "_fields"):
+        return type(tree)(_plain_mappings(v) for v in tree)
+    return tree
 
 
 @functools.cache

@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import array_api_compat.torch as xp_torch
@@ -31,6 +31,7 @@ from curvlinops.backends._arrays import (
     map_structure,
     placement_error,
     real_numeric,
+    rebuild_mapping,
 )
 from curvlinops.backends._distributed_torch import torch_communicator
 from curvlinops.backends._protocol import single_cotangent
@@ -301,11 +302,11 @@ def _leaf_equal(a: Any, b: Any) -> bool:
 
 
 def _flatten_structure(tree: Any) -> tuple[list[Any], Callable[[list[Any]], Any]]:
-    """Leaves of nested lists, tuples and dicts, and a function that rebuilds them."""
-    if isinstance(tree, dict):
+    """Leaves of nested lists, tuples and mappings, and a function that rebuilds them."""
+    if isinstance(tree, Mapping):
         keys = list(tree)
         parts = [_flatten_structure(tree[k]) for k in keys]
-        return _join_parts(parts, lambda children: type(tree)(zip(keys, children)))
+        return _join_parts(parts, lambda children: rebuild_mapping(tree, dict(zip(keys, children))))
     if isinstance(tree, (list, tuple)):
         parts = [_flatten_structure(v) for v in tree]
         return _join_parts(parts, type(tree))
