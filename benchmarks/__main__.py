@@ -24,8 +24,17 @@ import numpy as np
 
 from curvlinops.backends._namespaces import xla_knows
 
-OPS = ("grad", "hvp", "ggnvp", "jvp", "vjp", "matmat16", "eigsh5", "trace100", "cg")
-PRODUCT_OPS = ("grad", "hvp", "ggnvp", "jvp", "vjp", "matmat16")
+KFAC_OPS = ("kfac_mc", "kfac_ef", "kfac_type2", "ekfac", "kfac_mv", "ekfac_mv", "kfac_inv",
+            "ekfac_inv")  # fmt: skip
+OPS = ("grad", "hvp", "ggnvp", "jvp", "vjp", "matmat16", "eigsh5", "trace100", "cg", *KFAC_OPS)
+PRODUCT_OPS = ("grad", "hvp", "ggnvp", "jvp", "vjp", "matmat16", *KFAC_OPS)
+NO_ARGUMENT_OPS = ("grad", "kfac_mc", "kfac_ef", "kfac_type2", "ekfac")
+QUICK_OPS = tuple(op for op in OPS if op not in ("kfac_mc", "ekfac", "ekfac_mv", "kfac_inv",
+                                                  "ekfac_inv"))  # fmt: skip
+"""``--quick``'s default: the deterministic KFAC factors and product (their JAX path runs
+eagerly and compiles each operation on its first call, about a second per EKFAC operation)."""
+RANDOM_OPS = ("kfac_mc",)
+"""Results drawn differently by each contender (MC targets): timed, not compared."""
 ALGORITHM_OPS = ("eigsh5", "trace100", "cg")
 PROBLEM_NAMES = ("mlp", "cnn", "transformer")
 CONTENDER_KEYS = ("ours-torch", "ours-jax", "raw-torch", "raw-jax", "cfp")
@@ -43,7 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Cross-backend benchmark of curvature products and algorithms.",
     )
     parser.add_argument("--problems", nargs="+", choices=PROBLEM_NAMES, default=PROBLEM_NAMES)
-    parser.add_argument("--ops", nargs="+", choices=OPS, default=OPS)
+    parser.add_argument("--ops", nargs="+", choices=OPS, default=None,
+                        help="operations (default: all; with --quick all but the MC factors "
+                        "and the EKFAC and inverse operations)")  # fmt: skip
     parser.add_argument(
         "--backends", nargs="+", default=None, metavar="CONTENDER",
         help="contenders: ours-torch ours-jax raw-torch raw-jax cfp, or 'torch'/'jax' for all "
@@ -81,6 +92,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 args.missing[key] = f"{_framework(key)} is not installed"
         args.backends = [k for k in args.backends if k not in args.missing]
     args.backends = _expand_backends(parser, args.backends)
+    if args.ops is None:
+        args.ops = list(QUICK_OPS if args.quick else OPS)
     if args.repeats is None:
         args.repeats = 1 if args.quick else 5
     if args.repeats < 1 or args.algo_repeats < 1:
@@ -164,15 +177,17 @@ def make_inputs(problem: Any) -> dict:
         "V": rng.standard_normal((n, MATMAT_K)).astype(dtype),
         "v0": rng.standard_normal(n),
         "b": rng.standard_normal(n),
+        # the parameters KFAC approximates (all but the transformer's embeddings and norms)
+        "vk": np.random.default_rng(4321).standard_normal(problem.kfac_num_params).astype(dtype),
     }
 
 
 def product_call(setup: Any, op: str, inputs: dict) -> Any:
     """A no-argument call of product ``op`` with native inputs made once, outside timing."""
     fn = setup.products[op]
-    if op == "grad":
+    if op in NO_ARGUMENT_OPS:
         return fn
-    arg = {"hvp": "v", "ggnvp": "v", "jvp": "v", "vjp": "u", "matmat16": "V"}[op]
+    arg = {"hvp": "v", "ggnvp": "v", "jvp": "v", "vjp": "u", "matmat16": "V"}.get(op, "vk")
     x = setup.sync(setup.native(inputs[arg]))
     return lambda: fn(x)
 
@@ -222,41 +237,84 @@ class Suite:
     def run_product(self, op: str) -> None:
         from benchmarks.measure import summarize, timed
 
-        calls, firsts = {}, {}
+        calls, firsts, extra = {}, {}, {}
         for key, setup in self.setups.items():
+            if op in self.problem.skip_ops:
+                self.record(op, key, status="skipped", error=self.problem.skip_ops[op])
+                continue
             if op not in setup.products:
                 reason = setup.notes.get("unsupported", "not offered")
                 self.record(op, key, status="unsupported", error=reason)
                 continue
             try:
+                if op in setup.prepare:
+                    setup.prepare[op]()  # untimed: e.g. the factors a KFAC product needs
                 call = product_call(setup, op, self.inputs)
+                counter = _compile_counter(setup)
                 if self.args.quick:
                     # one call: timed, memory sampled, result kept (a check, not a timing)
                     box: list = []
                     peak = self._memory(key, lambda c=call, s=setup.sync, b=box:
                                         b.append(timed(c, s)))  # fmt: skip
                     first, result = box[0]
-                    self.values[(op, key)] = setup.to_numpy(result)
+                    self._keep(op, key, setup, result)
+                    more = {} if counter is None else {"compiles_first": counter.take()}
                     self.record(op, key, status="ok", first=first, compile=0.0, peak_mib=peak,
-                                **summarize([first]))  # fmt: skip
+                                **summarize([first]), **more)  # fmt: skip
                     continue
                 firsts[key], result = timed(call, setup.sync)
-                self.values[(op, key)] = setup.to_numpy(result)
+                self._keep(op, key, setup, result)
+                extra[key] = {} if counter is None else {"compiles_first": counter.take()}
                 timed(call, setup.sync)  # second warm-up
                 calls[key] = call
             except Exception as error:  # noqa: BLE001 - reported, the suite goes on
                 self.record(op, key, status="error", error=_describe(error))
+        counters = {key: _compile_counter(self.setups[key]) for key in calls}
         times: dict[str, list[float]] = {key: [] for key in calls}
         for _ in range(self.args.repeats):
             for key, call in calls.items():
+                before = counters[key] and counters[key].count
                 times[key].append(timed(call, self.setups[key].sync)[0])
+                if counters[key] is not None:  # only this contender's compilations
+                    counters[key].timed += counters[key].count - before
         for key, call in calls.items():
             stats = summarize(times[key])
             sync = self.setups[key].sync
+            if counters[key] is not None:
+                extra[key]["compiles_timed"] = counters[key].timed
             peak = self._memory(key, lambda c=call, s=sync: s(c()))
             self.record(op, key, status="ok", first=firsts[key],
                         compile=max(firsts[key] - stats["median"], 0.0), peak_mib=peak,
-                        **stats)  # fmt: skip
+                        **stats, **extra[key])  # fmt: skip
+        self._fresh(op)
+
+    def _keep(self, op: str, key: str, setup: Any, result: Any) -> None:
+        """The result as numpy for the agreement check (lists: concatenated)."""
+        if op in RANDOM_OPS:
+            return
+        if isinstance(result, (list, tuple)):
+            parts = [np.ravel(setup.to_numpy(r)) for r in result]
+            self.values[(op, key)] = np.concatenate(parts) if parts else np.zeros(0)
+        else:
+            self.values[(op, key)] = setup.to_numpy(result)
+
+    def _fresh(self, op: str) -> None:
+        """JAX: an operator built anew with the same configuration; how often it compiles."""
+        from benchmarks.measure import timed
+
+        for key, setup in self.setups.items():
+            counter = _compile_counter(setup)
+            rec = next((r for r in self.records[::-1] if (r["op"], r["contender"]) == (op, key)),
+                       None)  # fmt: skip
+            if counter is None or op not in setup.fresh or rec is None or rec["status"] != "ok":
+                continue
+            if self.args.quick:
+                continue  # a check of results, not of compilations
+            try:
+                rec["fresh_operator"], _ = timed(setup.fresh[op], setup.sync)
+                rec["compiles_fresh_operator"] = counter.take()
+            except Exception as error:  # noqa: BLE001
+                rec["fresh_operator_error"] = _describe(error)
 
     # --- algorithms: one contender after the other ----------------------------------------------
     def _algorithm(self, op: str, key: str, run: Any, warmup: Any = None) -> dict | None:
@@ -358,6 +416,15 @@ class Suite:
                            "residual": float(residual), "damping": lam}  # fmt: skip
 
             self._algorithm("cg", key, run, warmup=lambda A=A: A.matvec(b))
+
+
+def _compile_counter(setup: Any) -> Any:
+    """A fresh count of XLA compilations for a JAX contender (None for PyTorch)."""
+    if setup.framework != "jax":
+        return None
+    from benchmarks.measure import CompileCounter
+
+    return CompileCounter()
 
 
 def _release_blas_guard() -> None:
@@ -479,6 +546,7 @@ def main(argv: list[str] | None = None) -> int:
             "description": problem.description, "num_params": problem.num_params,
             "batch_size": problem.batch_size, "num_outputs": problem.num_outputs,
             "damping": problem.damping, "sizes": problem.sizes,
+            "kfac_num_params": problem.kfac_num_params, "kfac_note": problem.kfac_note,
         }  # fmt: skip
         setups = {}
         for key in contenders:

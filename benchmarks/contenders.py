@@ -46,6 +46,12 @@ CFP_VERSION = "3.0.1"
 TRACE_BLOCK = 32
 """Probes per ``matmat`` call in the Hutchinson trace (the library's default block)."""
 MATMAT_TRACE = "Rademacher probes through matmat"
+KFAC_DAMPING = 1e-2
+"""Damping of the KFAC and EKFAC inverses (both factors, or the eigenvalues)."""
+KFAC_FACTOR_OPS = {"kfac_mc": "mc", "kfac_ef": "empirical", "kfac_type2": "type-2"}
+EKFAC_FISHER = "empirical"
+"""EKFAC's output gradients: deterministic, and the correction of type-2 or MC would form
+per-example gradients for each of the C columns (C = 512 on the transformer)."""
 
 CONTENDERS: dict[str, tuple[str, str]] = {
     "ours-torch": ("curvlinops (torch backend)", "torch"),
@@ -72,6 +78,10 @@ class Setup:
         damped_ggn_scipy: ``λ -> G + λ I`` as ``scipy.sparse.linalg.cg`` gets it.
         trace: ``(num_probes, seed, block) -> (estimate, stderr)``, ``block`` probes per
             ``matmat`` call.
+            KFAC (this library and curvlinops-for-pytorch, see :func:`_kfac_products`):
+            ``"kfac_mc"``, ``"kfac_ef"``, ``"kfac_type2"`` () -> the Kronecker factors;
+            ``"ekfac"`` () -> per-block sums of the corrected eigenvalues; ``"kfac_mv"``,
+            ``"ekfac_mv"``, ``"kfac_inv"``, ``"ekfac_inv"`` (v of the KFAC parameters).
         trace_method: How the trace is computed (for the report).
         setup_seconds: Time to build the operators (not in the op timings).
     """
@@ -88,6 +98,10 @@ class Setup:
     trace_method: str
     setup_seconds: float = 0.0
     notes: dict = field(default_factory=dict)
+    prepare: dict[str, Callable[[], Any]] = field(default_factory=dict)
+    """Per operation, untimed work before its first call (KFAC products: the factors)."""
+    fresh: dict[str, Callable[[], Any]] = field(default_factory=dict)
+    """Per operation, the call on a newly built operator of the same configuration."""
 
 
 def make_setup(key: str, problem: Problem, device: str = "cpu") -> Setup:
@@ -232,10 +246,12 @@ def _ours(problem: Problem, fp: Any, key: str, native: Callable, to_numpy: Calla
             return float(value), float(stderr)
     else:
         trace = _matmat_trace(lambda V: H @ V, random_block, to_numpy, H.shape[0])
-    return Setup(
+    setup = Setup(
         key, fp.framework, native, to_numpy, sync, products, H,
         lambda lam: G + lam * cl.IdentityLinearOperator(G), trace, method,
     )  # fmt: skip
+    _add_kfac(setup, cl, _kfac_args(problem, fp), problem)
+    return setup
 
 
 def _matmat_trace(matmat: Callable, random_block: Callable, to_numpy: Callable,
@@ -534,14 +550,144 @@ def _cfp(problem: Problem, device: str) -> Setup:
         # what its documentation does: export to scipy (float64 by default), add λ I there
         return G.to_scipy() + lam * _scipy_identity(n, np.float64)
 
-    return Setup(
+    setup = Setup(
         "cfp", "torch", native, to_numpy, sync, products, H.to_scipy(), damped,
         _matmat_trace(lambda V: H @ V, _torch_rademacher(device, problem.dtype), to_numpy, n),
         MATMAT_TRACE, notes=notes,
     )  # fmt: skip
+    _add_kfac(setup, cfp, _kfac_args(problem, fp), problem)
+    return setup
 
 
 def _torch_flatten(ts: Any) -> Any:
     import torch
 
     return torch.cat([t.reshape(-1) for t in ts])
+
+
+# --- KFAC and EKFAC (this library and curvlinops-for-pytorch: the same API) -----------------------
+def _kfac_args(problem: Problem, fp: Any) -> tuple:
+    """``(model_func, loss_func, params, data)`` restricted to the KFAC-supported parameters.
+
+    PyTorch: the model as it is, the parameters of its Linear/Conv2d layers. JAX: a function
+    of those parameters that closes over the others (a plain function, as a JAX user writes
+    it; the operator finds its dense layers by tracing).
+    """
+    keep = problem.kfac_positions
+    params = [fp.params[i] for i in keep]
+    if fp.framework == "torch" or len(keep) == len(fp.params):
+        return fp.model_func, fp.loss_func, params, fp.data
+    fixed, forward = list(fp.params), fp.forward
+
+    def model(sub: list, X: Any) -> Any:
+        full = list(fixed)
+        for i, p in zip(keep, sub):
+            full[i] = p
+        return forward(full, X)
+
+    return model, fp.loss_func, params, fp.data
+
+
+def _factor_list(K: Any) -> list:
+    """Input and gradient covariances, layer by layer in parameter order (A before G)."""
+    names = sorted(K._mapping, key=lambda name: min(K._mapping[name].values()))
+    out = [K._input_covariances[n] for n in names if n in K._input_covariances]
+    return out + [K._gradient_covariances[n] for n in names]
+
+
+def _eigenvalue_sums(E: Any) -> list:
+    """Per block, the sum of EKFAC's corrected eigenvalues (the block's trace).
+
+    The eigenvalues themselves depend on the basis chosen within (nearly) repeated
+    eigenvalues of the factors, which float32 ``eigh`` does not fix; their sums do not.
+    """
+    names = sorted(E._mapping, key=lambda name: min(E._mapping[name].values()))
+    sums = []
+    for name in names:
+        entry = E._corrected_eigenvalues[name]
+        for values in entry.values() if isinstance(entry, dict) else [entry]:
+            sums.append(values.sum())
+    return sums
+
+
+def _add_kfac(setup: Setup, lib: Any, args: tuple, problem: Problem) -> None:
+    """KFAC/EKFAC factor computations, products and inverse products on ``setup``.
+
+    A set-up that fails (e.g. a layer the operator does not find) fails these operations
+    only: each of them raises the error when called.
+    """
+    try:
+        _kfac_operations(setup, lib, args, problem)
+    except Exception as error:  # noqa: BLE001 - reported by each KFAC operation
+
+        def fail(*_: Any, error: Exception = error) -> Any:
+            raise error
+
+        for op in (*KFAC_FACTOR_OPS, "ekfac", "kfac_mv", "ekfac_mv", "kfac_inv", "ekfac_inv"):
+            setup.products[op] = fail
+
+
+def _kfac_operations(setup: Setup, lib: Any, args: tuple, problem: Problem) -> None:
+    options = {"check_deterministic": False}
+
+    def kfac(fisher: str) -> Any:
+        return lib.KFACLinearOperator(*args, fisher_type=fisher, **options)
+
+    def factors(K: Any) -> Callable[[], list]:
+        def compute() -> list:
+            # curvlinops-for-pytorch adds to factors it holds: start from none, as a new
+            # operator does (ours replaces them; clearing costs nothing)
+            K._input_covariances.clear()
+            K._gradient_covariances.clear()
+            K.compute_kronecker_factors()
+            return _factor_list(K)
+
+        return compute
+
+    def ekfac_factors(E: Any) -> Callable[[], list]:
+        def compute() -> list:
+            factors(E)()
+            # curvlinops-for-pytorch keeps eigenvectors and adds to corrected eigenvalues
+            for name in ("_input_covariances_eigenvectors", "_gradient_covariances_eigenvectors",
+                         "_corrected_eigenvalues"):  # fmt: skip
+                getattr(E, name).clear()
+            E.compute_eigenvalue_correction()
+            return _eigenvalue_sums(E)
+
+        return compute
+
+    for op, fisher in KFAC_FACTOR_OPS.items():
+        setup.products[op] = factors(kfac(fisher))
+        setup.fresh[op] = lambda fisher=fisher: factors(kfac(fisher))()
+    E = lib.EKFACLinearOperator(*args, fisher_type=EKFAC_FISHER, **options)
+    setup.products["ekfac"] = ekfac_factors(E)
+    setup.fresh["ekfac"] = lambda: ekfac_factors(
+        lib.EKFACLinearOperator(*args, fisher_type=EKFAC_FISHER, **options)
+    )()
+    # products with the empirical factors (deterministic: every contender has the same)
+    K, E2 = kfac(EKFAC_FISHER), lib.EKFACLinearOperator(*args, fisher_type=EKFAC_FISHER, **options)
+    K_inv = lib.KFACInverseLinearOperator(K, damping=KFAC_DAMPING)
+    E_inv = lib.KFACInverseLinearOperator(E2, damping=KFAC_DAMPING, use_exact_damping=True)
+    setup.products.update({
+        "kfac_mv": lambda v: K @ v,
+        "ekfac_mv": lambda v: E2 @ v,
+        "kfac_inv": lambda v: K_inv @ v,
+        "ekfac_inv": lambda v: E_inv @ v,
+    })  # fmt: skip
+    prepare_K, prepare_E = _once(factors(K)), _once(ekfac_factors(E2))
+    setup.prepare.update({"kfac_mv": prepare_K, "kfac_inv": prepare_K,
+                          "ekfac_mv": prepare_E, "ekfac_inv": prepare_E})  # fmt: skip
+    if problem.kfac_note:
+        setup.notes["kfac"] = problem.kfac_note
+
+
+def _once(call: Callable[[], Any]) -> Callable[[], None]:
+    """``call`` on the first call only."""
+    done: list = []
+
+    def run() -> None:
+        if not done:
+            call()
+            done.append(True)
+
+    return run

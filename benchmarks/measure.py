@@ -34,6 +34,7 @@ from importlib import metadata
 from typing import Any
 
 __all__ = [
+    "CompileCounter",
     "MemoryProbe",
     "machine_info",
     "rss_bytes",
@@ -195,6 +196,45 @@ class MemoryProbe:
         if "peak_bytes_in_use" not in after:
             return None
         return (after["peak_bytes_in_use"] - before) / 2**20
+
+
+_COMPILES = [0]
+_LISTENING = [False]
+_BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
+
+
+def _on_event(event: str, _seconds: float, **_: Any) -> None:
+    if event == _BACKEND_COMPILE:
+        _COMPILES[0] += 1
+
+
+class CompileCounter:
+    """XLA compilations (``jax.jit`` programs and the eager operations' own) from now on.
+
+    Counted with a ``jax.monitoring`` listener on the backend-compile event: one per
+    program that XLA compiles, whether from ``jax.jit`` or from an operation run eagerly
+    for the first time with its shapes.
+    """
+
+    def __init__(self) -> None:
+        if not _LISTENING[0]:
+            import jax.monitoring
+
+            jax.monitoring.register_event_duration_secs_listener(_on_event)
+            _LISTENING[0] = True
+        self._mark = _COMPILES[0]
+        self.timed = 0
+
+    @property
+    def count(self) -> int:
+        """Compilations since this counter was made or last taken."""
+        return _COMPILES[0] - self._mark
+
+    def take(self) -> int:
+        """The count so far; counting starts again from zero."""
+        value = self.count
+        self._mark = _COMPILES[0]
+        return value
 
 
 def summarize(times: list[float]) -> dict:

@@ -20,6 +20,8 @@ if str(ROOT) not in sys.path:
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 HAS_JAX = importlib.util.find_spec("jax") is not None
 OPS = ("grad", "hvp", "ggnvp", "jvp", "vjp", "matmat16", "eigsh5", "trace100", "cg")
+KFAC_OPS = ("kfac_ef", "kfac_type2", "kfac_mv")
+"""The KFAC operations of ``--quick``: this library's in both frameworks and cfp's."""
 PROBLEMS = ("mlp", "cnn", "transformer")
 
 
@@ -60,6 +62,7 @@ def test_quick_run_succeeds_and_writes_reports(quick_run):
         assert field in meta
     assert meta["threads_set"]["threads"] == 1
     assert meta["args"]["quick"] is True
+    assert "### KFAC, JAX: XLA compilations (ours)" in (out / "results.md").read_text()
 
 
 @pytest.mark.skipif(not (HAS_TORCH or HAS_JAX), reason="needs torch or jax")
@@ -76,10 +79,24 @@ def test_quick_run_ran_every_operation(quick_run):
                 assert rec["status"] == "ok", f"{problem}/{op}/{key}: {rec.get('error')}"
                 assert rec["median"] > 0 and rec["repeats"] == 1
                 assert rec["peak_mib"] is not None
+    # KFAC: this library in each installed framework; the hand-written code has none
+    ours = [k for k in _required_contenders() if k.startswith("ours")]
+    for problem in PROBLEMS:
+        for op in KFAC_OPS:
+            for key in ours:
+                rec = status.get((problem, op, key))
+                assert rec is not None, f"{problem}/{op}/{key} did not run"
+                assert rec["status"] == "ok", f"{problem}/{op}/{key}: {rec.get('error')}"
+                assert rec["median"] > 0 and rec["peak_mib"] is not None
+                if key == "ours-jax":
+                    assert rec["compiles_first"] >= 0
+            for key in _required_contenders():
+                if key.startswith("raw"):
+                    assert status[(problem, op, key)]["status"] == "unsupported"
     # curvlinops-for-pytorch: absent (optional), or it ran what it supports
     if "cfp" not in data["meta"]["absent"]:
         for problem in PROBLEMS:
-            for op in OPS:
+            for op in OPS + KFAC_OPS:
                 rec = status[(problem, op, "cfp")]
                 assert rec["status"] in ("ok", "unsupported"), rec.get("error")
 
@@ -116,6 +133,26 @@ def test_quick_run_numbers_agree_across_backends(quick_run):
             }
             assert ("raw-torch", "ours-jax") in pairs and ("raw-torch", "raw-jax") in pairs
             assert ("raw-torch", "ours-torch") in pairs
+
+
+@pytest.mark.skipif(not (HAS_TORCH and HAS_JAX), reason="cross-backend check needs both")
+def test_quick_run_kfac_agrees_across_backends_and_with_cfp(quick_run):
+    """Type-2 and empirical factors and the KFAC product: the same in PyTorch, JAX and cfp."""
+    _, data, _ = quick_run
+    rows = [r for r in data["agreement"] if r["op"] in KFAC_OPS]
+    bad = [r for r in rows if not r["ok"]]  # cfp included: its KFAC must agree too
+    assert not bad, bad
+    with_cfp = "cfp" not in data["meta"]["absent"]
+    for problem in PROBLEMS:
+        for op in KFAC_OPS:
+            pairs = {
+                (r["reference"], r["contender"])
+                for r in rows
+                if r["problem"] == problem and r["op"] == op
+            }
+            assert ("ours-torch", "ours-jax") in pairs, (problem, op, pairs)
+            if with_cfp:
+                assert ("ours-torch", "cfp") in pairs, (problem, op, pairs)
 
 
 @pytest.mark.skipif(not (HAS_TORCH and HAS_JAX), reason="needs torch and jax")
@@ -203,3 +240,49 @@ def test_report_judges_targets():
     assert not eigsh["met"] and eigsh["measured"] == pytest.approx(1.25)
     text = markdown(data)
     assert "**missed** by 18%" in text and "| H@v | 2.00 s (2.00×)" in text
+
+
+def test_report_judges_kfac_targets():
+    from benchmarks.report import Results, markdown, target_rows
+
+    results = [
+        _record("mlp", "grad", "raw-torch", 1.0),
+        _record("mlp", "grad", "raw-jax", 1.0),
+        _record("mlp", "ggnvp", "ours-torch", 2.0),
+        _record("mlp", "kfac_mv", "ours-torch", 0.4),  # 0.2x G@v: met
+        _record("mlp", "kfac_ef", "ours-torch", 3.0),  # 3x gradient: missed; 2x cfp: missed
+        _record("mlp", "kfac_ef", "cfp", 1.5),
+        _record(
+            "mlp",
+            "kfac_ef",
+            "ours-jax",
+            1.0,
+            compiles_first=1,
+            compiles_timed=0,
+            compiles_fresh_operator=2,
+        ),  # fmt: skip
+    ]
+    data = {
+        "meta": {"date": "d", "args": {"dtype": "float32", "device": "cpu", "repeats": 1,
+                                       "algo_repeats": 1, "quick": True},
+                 "machine": {"cpu_model": "cpu", "cpu_affinity": 2, "cpu_count": 2,
+                             "memory_gib": 1, "platform": "p"},
+                 "versions": {}, "threads": {}, "absent": {}},
+        "problems": {"mlp": {"description": "MLP", "num_params": 10, "kfac_num_params": 10,
+                             "kfac_note": ""}},
+        "results": results,
+        "agreement": [],
+    }  # fmt: skip
+    rows = {r["target"]: r for r in target_rows(Results(data))}
+    product = rows["KFAC@v ≤ 0.25× G@v (PyTorch)"]
+    assert product["met"] and product["measured"] == pytest.approx(0.2)
+    assert not rows["KFAC factors, empirical ≤ 2.5× gradient (PyTorch)"]["met"]
+    versus = rows["KFAC factors, empirical ≤ 1.5× cfp (PyTorch)"]
+    assert not versus["met"] and versus["measured"] == pytest.approx(2.0)
+    assert rows["KFAC factors, empirical ≤ 1.5× cfp (JAX)"]["met"]
+    fresh = "KFAC factors, empirical: compilations of a new operator of equal configuration = 0"
+    assert not rows[f"{fresh} (JAX)"]["met"]
+    assert rows["KFAC factors, empirical: compilations in the timed calls = 0 (JAX)"]["met"]
+    text = markdown(data)
+    assert f"| {fresh} (JAX) | mlp | 2 | **missed** |" in text
+    assert "### KFAC, JAX: XLA compilations (ours)" in text
