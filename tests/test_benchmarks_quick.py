@@ -217,16 +217,7 @@ def test_report_judges_targets():
             end_to_end_over_products=1.25,
         ),  # fmt: skip
     ]
-    data = {
-        "meta": {"date": "d", "args": {"dtype": "float32", "device": "cpu", "repeats": 1,
-                                       "algo_repeats": 1, "quick": True},
-                 "machine": {"cpu_model": "cpu", "cpu_affinity": 2, "cpu_count": 2,
-                             "memory_gib": 1, "platform": "p"},
-                 "versions": {}, "threads": {}, "absent": {}},
-        "problems": {"mlp": {"description": "MLP", "num_params": 10}},
-        "results": results,
-        "agreement": [],
-    }  # fmt: skip
+    data = _report_data(results, {"description": "MLP", "num_params": 10})
     rows = {r["target"]: r for r in target_rows(Results(data))}
     assert rows["H@v ≤ 2.3× gradient (PyTorch)"]["met"]
     jax_hvp = rows["H@v ≤ 1.7× gradient (JAX)"]
@@ -240,6 +231,20 @@ def test_report_judges_targets():
     assert not eigsh["met"] and eigsh["measured"] == pytest.approx(1.25)
     text = markdown(data)
     assert "**missed** by 18%" in text and "| H@v | 2.00 s (2.00×)" in text
+
+
+def _report_data(results: list, mlp: dict) -> dict:
+    """A results file of a quick run on one problem, ``mlp``, holding ``results``."""
+    return {
+        "meta": {"date": "d", "args": {"dtype": "float32", "device": "cpu", "repeats": 1,
+                                       "algo_repeats": 1, "quick": True},
+                 "machine": {"cpu_model": "cpu", "cpu_affinity": 2, "cpu_count": 2,
+                             "memory_gib": 1, "platform": "p"},
+                 "versions": {}, "threads": {}, "absent": {}},
+        "problems": {"mlp": mlp},
+        "results": results,
+        "agreement": [],
+    }  # fmt: skip
 
 
 def test_report_judges_kfac_targets():
@@ -262,17 +267,9 @@ def test_report_judges_kfac_targets():
             compiles_fresh_operator=2,
         ),  # fmt: skip
     ]
-    data = {
-        "meta": {"date": "d", "args": {"dtype": "float32", "device": "cpu", "repeats": 1,
-                                       "algo_repeats": 1, "quick": True},
-                 "machine": {"cpu_model": "cpu", "cpu_affinity": 2, "cpu_count": 2,
-                             "memory_gib": 1, "platform": "p"},
-                 "versions": {}, "threads": {}, "absent": {}},
-        "problems": {"mlp": {"description": "MLP", "num_params": 10, "kfac_num_params": 10,
-                             "kfac_note": ""}},
-        "results": results,
-        "agreement": [],
-    }  # fmt: skip
+    data = _report_data(
+        results, {"description": "MLP", "num_params": 10, "kfac_num_params": 10, "kfac_note": ""}
+    )
     rows = {r["target"]: r for r in target_rows(Results(data))}
     product = rows["KFAC@v ≤ 0.25× G@v (PyTorch)"]
     assert product["met"] and product["measured"] == pytest.approx(0.2)
