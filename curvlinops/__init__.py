@@ -13,7 +13,9 @@ from curvlinops.diagonal import DiagonalLinearOperator, GGNDiagonalLinearOperato
 from curvlinops.directional import rayleigh_quotient, transformation_tangent
 from curvlinops.eigen import eigsh, lanczos, max_stable_learning_rate, sharpness
 from curvlinops.estimators import (
+    hutchinson_diag,
     hutchinson_diagonal,
+    hutchinson_squared_fro,
     hutchinson_squared_frobenius,
     hutchinson_trace,
     hutchpp_trace,
@@ -66,7 +68,9 @@ __all__ = [
     "TransposedJacobianLinearOperator",
     "eigsh",
     "gradient_and_loss",
+    "hutchinson_diag",
     "hutchinson_diagonal",
+    "hutchinson_squared_fro",
     "hutchinson_squared_frobenius",
     "hutchinson_trace",
     "hutchpp_trace",

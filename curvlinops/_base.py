@@ -155,13 +155,34 @@ class LinearOperator(ScipyLinearOperator):
     # Real operators: the transpose is the adjoint.
     _transpose = _adjoint
 
-    def to_scipy(self) -> LinearOperator:
-        """Return this operator, which already is a scipy ``LinearOperator``.
+    def to_scipy(self, dtype: Any = None) -> LinearOperator:
+        """The operator as scipy's solvers should see it: with ``dtype`` (default float64).
 
-        Kept for code written for curvlinops-for-pytorch, whose operators
-        need ``.to_scipy()`` before scipy's solvers take them.
+        For code written for curvlinops-for-pytorch 3.0.1, whose ``to_scipy``
+        wraps an operator in a scipy one of numpy's default dtype (float64)
+        unless ``dtype`` is given: ``eigsh(H.to_scipy())`` then returns float64
+        eigenvalues. The operator already is a scipy ``LinearOperator``: of its
+        own dtype it is returned as it is; of another, the same operator is
+        presented in that dtype (products still run in the parameters' dtype,
+        results come in the wider one).
         """
-        return self
+        wanted = np.dtype(np.float64 if dtype is None else dtype)
+        if wanted.kind != "f" or wanted.itemsize < 4:
+            raise value_error(
+                "dtype",
+                "float32, float64 or None (float64, as in curvlinops-for-pytorch)",
+                repr(dtype),
+                "scipy's solvers need single or double precision.",
+            )
+        return self if wanted == self.dtype else _RetypedOperator(self, wanted)
+
+    @property
+    def device(self) -> Any:
+        """The parameters' device (``torch.device`` or JAX device), where products run.
+
+        ``None`` for an operator that belongs to no framework.
+        """
+        return None if self.backend is None else self.backend.device
 
     def todense(self) -> Any:
         """The matrix, built column block by column block.
@@ -272,6 +293,23 @@ class LinearOperator(ScipyLinearOperator):
 
 
 # --- composites ---------------------------------------------------------------
+class _RetypedOperator(LinearOperator):
+    """``A`` presented to scipy in another dtype (:meth:`LinearOperator.to_scipy`)."""
+
+    def __init__(self, A: LinearOperator, dtype: np.dtype) -> None:
+        self.A = A
+        self.backend = A.backend
+        self.is_symmetric = A.is_symmetric
+        self._params_in, self._params_out = A._params_in, A._params_out
+        super().__init__(dtype, A.shape)
+
+    def _native(self, X: Any, adjoint: bool) -> Any:
+        return self.A._native(X, adjoint)
+
+    def _native_vector(self, x: Any, adjoint: bool) -> Any:
+        return self.A._native_vector(x, adjoint)
+
+
 class _ScaledOperator(LinearOperator):
     def __init__(self, A: Any, alpha: Any) -> None:
         A = _wrap(A)

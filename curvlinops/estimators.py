@@ -35,7 +35,9 @@ from curvlinops._operand import as_operand
 
 __all__ = [
     "DEFAULT_BLOCK_SIZE",
+    "hutchinson_diag",
     "hutchinson_diagonal",
+    "hutchinson_squared_fro",
     "hutchinson_squared_frobenius",
     "hutchinson_trace",
     "hutchpp_trace",
@@ -565,3 +567,14 @@ def _check_seed(seed: Any) -> int:
     if seed < 0:
         raise value_error("seed", "a non-negative int", str(seed))
     return int(seed)
+
+
+# --- the names and signatures of curvlinops-for-pytorch 3.0.1 -----------------------------
+def hutchinson_diag(A: Any, num_matvecs: int, distribution: str = "rademacher") -> Any:
+    """:func:`hutchinson_diagonal` under curvlinops-for-pytorch 3.0.1's name and signature."""
+    return hutchinson_diagonal(A, num_matvecs, distribution=distribution)
+
+
+def hutchinson_squared_fro(A: Any, num_matvecs: int, distribution: str = "rademacher") -> Any:
+    """:func:`hutchinson_squared_frobenius` under curvlinops-for-pytorch 3.0.1's name, signature."""
+    return hutchinson_squared_frobenius(A, num_matvecs, distribution=distribution)

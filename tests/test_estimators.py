@@ -352,3 +352,21 @@ def test_nan_products_warn():
         hutchinson_trace(A, 3)
     with pytest.warns(RuntimeWarning, match="hutchinson_diagonal: the estimate contains NaN"):
         hutchinson_diagonal(A, 3)
+
+
+def test_names_of_curvlinops_for_pytorch():
+    """``hutchinson_diag`` / ``hutchinson_squared_fro``: 3.0.1's names, distribution positional."""
+    from curvlinops import hutchinson_diag, hutchinson_squared_fro
+
+    A = np.random.default_rng(0).normal(size=(6, 6))
+    for old, new in (
+        (hutchinson_diag, hutchinson_diagonal),
+        (hutchinson_squared_fro, hutchinson_squared_frobenius),
+    ):
+        for distribution in ("rademacher", "normal"):
+            np.testing.assert_array_equal(
+                old(A, 40, distribution), new(A, 40, distribution=distribution)
+            )
+    # exact where the estimator is: Rademacher probes on a diagonal matrix
+    D = np.diag(np.arange(1.0, 7.0))
+    np.testing.assert_allclose(hutchinson_diag(D, 3), np.arange(1.0, 7.0))

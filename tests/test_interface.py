@@ -328,3 +328,36 @@ def test_inputs_in_any_mapping(backend_name, mapping):
     V = np.random.default_rng(0).normal(size=(H.shape[1], 2))
     assert_close(H @ V, problem.operator("H") @ V, name="H V")
     assert_close(J @ V, problem.operator("J") @ V, name="J V")
+
+
+def test_to_scipy_and_device_as_in_curvlinops_for_pytorch(backend_name):
+    """``to_scipy()`` presents a float32 operator as float64 (3.0.1's default); ``.device``."""
+    problem = build(CASE, backend_name)
+    if backend_name == "torch":
+        model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+        params, loss = list(model.parameters()), torch.nn.CrossEntropyLoss()
+        data = [(torch.as_tensor(X, dtype=torch.float32), torch.as_tensor(y)) for X, y in
+                numpy_data(problem.case)]  # fmt: skip
+        model_func, device = model, params[0].device
+    else:
+        params = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), problem.params)
+        model_func, loss = problem.model_func, problem.loss_func
+        data = [(X.astype(np.float32), y) for X, y in numpy_data(problem.case)]
+        device = jax.tree_util.tree_leaves(params)[0].devices().pop()
+    H = curvlinops.HessianLinearOperator(model_func, loss, params, data)
+    assert H.dtype == np.float32 and H.device == device
+    exported = H.to_scipy()
+    assert exported.dtype == np.float64 and exported.shape == H.shape
+    assert H.to_scipy(np.float32) is H and H.to_scipy("float32") is H
+    dense = to_numpy(H.todense()).astype(np.float64)
+    evals = spla.eigsh(exported, k=2, which="LA", rng=0, return_eigenvectors=False)
+    assert evals.dtype == np.float64
+    tol = 100 * np.finfo(np.float32).eps * np.abs(dense).max() * dense.shape[0]
+    assert np.abs(np.sort(evals) - np.linalg.eigvalsh(dense)[-2:]).max() <= tol
+    v = np.random.default_rng(0).normal(size=H.shape[1]).astype(np.float32)
+    assert (exported @ v).dtype == np.float64
+    assert_close(exported @ v, H @ v, name="retyped product")
+    assert exported.T.shape == H.shape  # an operator like the others: algebra works
+    with pytest.raises(ValueError, match=r"dtype: expected float32, float64 or None .*'int64'"):
+        H.to_scipy("int64")
+    assert problem.operator("H").to_scipy() is problem.operator("H")  # float64: itself
