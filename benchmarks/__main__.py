@@ -37,6 +37,8 @@ RANDOM_OPS = ("kfac_mc",)
 """Results drawn differently by each contender (MC targets): timed, not compared."""
 ALGORITHM_OPS = ("eigsh5", "trace100", "cg")
 PROBLEM_NAMES = ("mlp", "cnn", "transformer")
+LARGE_PROBLEM = "gpt2-small"
+"""Not in the default set nor in CI: ``benchmarks/bench_large.py``, in processes of its own."""
 CONTENDER_KEYS = ("ours-torch", "ours-jax", "raw-torch", "raw-jax", "cfp")
 REFERENCE_ORDER = ("raw-torch", "raw-jax", "ours-torch", "ours-jax", "cfp")
 INFORMATIONAL = ("cfp",)
@@ -51,7 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="python -m benchmarks",
         description="Cross-backend benchmark of curvature products and algorithms.",
     )
-    parser.add_argument("--problems", nargs="+", choices=PROBLEM_NAMES, default=PROBLEM_NAMES)
+    parser.add_argument("--problems", nargs="+", choices=(*PROBLEM_NAMES, LARGE_PROBLEM),
+                        default=PROBLEM_NAMES)  # fmt: skip
     parser.add_argument("--ops", nargs="+", choices=OPS, default=None,
                         help="operations (default: all; with --quick all but the MC factors "
                         "and the EKFAC and inverse operations)")  # fmt: skip
@@ -83,7 +86,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="limit scipy/numpy BLAS pools for the whole run (default: untouched)",
     )
     parser.add_argument("--no-memory", action="store_true", help="skip the memory calls")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="also time kept linearizations against recomputation (benchmarks/bench_reuse.py): "
+        "products inside eigsh(k=5) in gradients, eigsh end to end, memory, break-even",
+    )
     args = parser.parse_args(argv)
+    if LARGE_PROBLEM in args.problems and len(args.problems) > 1:
+        parser.error(f"--problems {LARGE_PROBLEM} runs alone (one process per contender)")
     args.missing = {}
     if args.backends is None:
         args.backends = list(CONTENDER_KEYS)
@@ -506,6 +517,11 @@ def agreement(problem: str, values: dict, dtype: str) -> list[dict]:
 # --- main ----------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.problems == [LARGE_PROBLEM]:
+        from benchmarks import bench_large
+
+        large = ["--threads", str(args.threads)] + (["--out", str(args.out)] if args.out else [])
+        return bench_large.main(large)
     started = time.perf_counter()
     applied = configure_threads(args)
 
@@ -572,6 +588,12 @@ def main(argv: list[str] | None = None) -> int:
     meta["threads_end"] = measure.thread_info()
     (out / "results.json").write_text(json.dumps(data, indent=1, default=_json_default))
     write_reports(data, out)
+    if args.reuse:
+        from benchmarks import bench_reuse
+
+        reuse_args = ["--problems", *args.problems, "--threads", str(args.threads)]
+        reuse_args += ["--quick"] * args.quick + ["--no-memory"] * args.no_memory
+        (out / "reuse.md").write_text(bench_reuse.main(reuse_args) + "\n")
     failures = [r for r in data["results"] + data["setup"] if r["status"] == "error"]
     disagreements = [r for r in data["agreement"] if not r["ok"]]
     for r in failures:

@@ -11,7 +11,13 @@ from curvlinops._operand import ConvergenceError, ConvergenceWarning
 from curvlinops.backends._cupy import to_cupyx
 from curvlinops.diagonal import DiagonalLinearOperator, GGNDiagonalLinearOperator
 from curvlinops.directional import rayleigh_quotient, transformation_tangent
-from curvlinops.eigen import eigsh, lanczos, max_stable_learning_rate, sharpness
+from curvlinops.eigen import (
+    MemoryBudgetError,
+    eigsh,
+    lanczos,
+    max_stable_learning_rate,
+    sharpness,
+)
 from curvlinops.estimators import (
     hutchinson_diag,
     hutchinson_diagonal,
@@ -27,7 +33,11 @@ from curvlinops.ggn import GGNLinearOperator
 from curvlinops.gradient import gradient_and_loss
 from curvlinops.hessian import HessianLinearOperator
 from curvlinops.influence import ResponseJacobianLinearOperator, influence_on_test_loss
-from curvlinops.inverse import CGInverseLinearOperator, NeumannInverseLinearOperator
+from curvlinops.inverse import (
+    CGInverseLinearOperator,
+    LSMRInverseLinearOperator,
+    NeumannInverseLinearOperator,
+)
 from curvlinops.jacobian import JacobianLinearOperator, TransposedJacobianLinearOperator
 from curvlinops.kfac import (
     EKFACLinearOperator,
@@ -35,6 +45,12 @@ from curvlinops.kfac import (
     KFACInverseLinearOperator,
     KFACLinearOperator,
     KFACType,
+)
+from curvlinops.papyan2020traces.spectrum import (
+    LanczosApproximateLogSpectrumCached,
+    LanczosApproximateSpectrumCached,
+    lanczos_approximate_log_spectrum,
+    lanczos_approximate_spectrum,
 )
 from curvlinops.spectral import log_spectral_density, plot_spectral_density, spectral_density
 from curvlinops.submatrix import (
@@ -61,7 +77,11 @@ __all__ = [
     "KFACInverseLinearOperator",
     "KFACLinearOperator",
     "KFACType",
+    "LSMRInverseLinearOperator",
+    "LanczosApproximateLogSpectrumCached",
+    "LanczosApproximateSpectrumCached",
     "LinearOperator",
+    "MemoryBudgetError",
     "NeumannInverseLinearOperator",
     "ResponseJacobianLinearOperator",
     "SubmatrixLinearOperator",
@@ -76,6 +96,8 @@ __all__ = [
     "hutchpp_trace",
     "influence_on_test_loss",
     "lanczos",
+    "lanczos_approximate_log_spectrum",
+    "lanczos_approximate_spectrum",
     "log_spectral_density",
     "losses",
     "max_stable_learning_rate",

@@ -1,9 +1,11 @@
-"""Command line: ``python -m curvlinops demo`` (also the console script ``curvlinops``).
+"""Command line: ``python -m curvlinops demo|influence`` (also the console script ``curvlinops``).
 
 Usage::
 
     curvlinops demo [--backend torch|jax|all] [--dtype float32|float64]
                     [--out DIR] [--json FILE] [--seed N] [--quiet]
+    curvlinops influence [--backend torch|jax|all] [--method M[,M...]]
+                         [--out DIR] [--json FILE] [--seed N] [--quiet]
 
 A bad option (an unknown backend, a backend that is not installed, an output
 directory or JSON file that cannot be written) ends the program with exit
@@ -17,7 +19,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from curvlinops.backends._namespaces import FRAMEWORKS, is_installed
 
@@ -78,7 +80,70 @@ def _parser() -> argparse.ArgumentParser:
         "--seed", default="0", metavar="N", help="seed of data and initialisation (default 0)"
     )
     demo.add_argument("--quiet", action="store_true", help="no progress bars; print the table")
+    _add_influence_parser(commands)
     return parser
+
+
+INFLUENCE_METHODS = ("exact", "ggn", "kfac", "ekfac", "loss", "grad_norm", "random")
+
+
+def _add_influence_parser(commands: Any) -> None:
+    influence = commands.add_parser(
+        "influence",
+        help="influence functions that find mislabelled digits (scikit-learn's digits)",
+        description=(
+            "Flip 10%% of the training labels of scikit-learn's digits, train logistic "
+            "regression and a tanh MLP, and rank the training points by self-influence "
+            "(exact Hessian and GGN by batched CG, KFAC, EKFAC) against baselines; recall "
+            "curves, a test-influence image grid and leave-one-out validation (PNGs)."
+        ),
+    )
+    influence.add_argument(
+        "--backend", default="all", metavar="{torch,jax,all}", help="default: all installed"
+    )
+    influence.add_argument(
+        "--method",
+        default=None,
+        metavar="M[,M...]",
+        help=f"any of {', '.join(INFLUENCE_METHODS)}, or all (default: all but the MLP's "
+        "exact Hessian, which takes minutes)",
+    )
+    influence.add_argument(
+        "--out",
+        default="curvlinops-influence",
+        metavar="DIR",
+        help="directory for the PNGs (default: ./curvlinops-influence)",
+    )
+    influence.add_argument(
+        "--json", default=None, metavar="FILE", help="write every reported number to FILE"
+    )
+    influence.add_argument(
+        "--seed", default="0", metavar="N", help="seed of split, flips and weights (default 0)"
+    )
+    influence.add_argument("--quiet", action="store_true", help="print only the final table")
+
+
+def _methods(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    if text == "all":
+        return list(INFLUENCE_METHODS)
+    names = [name.strip() for name in text.split(",")]
+    unknown = [name for name in names if name not in INFLUENCE_METHODS]
+    if unknown or not names:
+        raise UsageError(
+            f"--method: expected a comma-separated list of {', '.join(INFLUENCE_METHODS)} "
+            f"(or all), got {text!r}. For example: --method exact,kfac,loss."
+        )
+    return list(dict.fromkeys(names))
+
+
+def _check_sklearn() -> None:
+    if not is_installed("sklearn"):
+        raise UsageError(
+            "influence: scikit-learn is not installed (its digits are the data). Install it "
+            "with pip install 'curvlinops[data]'."
+        )
 
 
 def _backends(choice: str) -> list[str]:
@@ -157,13 +222,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
         if args.command is None:
-            raise UsageError("choose a command: 'demo' (see curvlinops --help).")
+            raise UsageError("choose a command: 'demo' or 'influence' (see curvlinops --help).")
         options = {
             "backends": _backends(args.backend),
-            "dtype": _dtype(args.dtype),
             "seed": _seed(args.seed),
             "json_path": None if args.json is None else _writable_file(args.json),
         }
+        if args.command == "influence":
+            options["methods"] = _methods(args.method)
+            _check_sklearn()
+        else:
+            options["dtype"] = _dtype(args.dtype)
         options["out_dir"] = _writable_dir(Path(args.out), "--out")
     except UsageError as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
@@ -176,10 +245,13 @@ def main(argv: list[str] | None = None) -> int:
             "to compare).",
             file=sys.stderr,
         )
-    from curvlinops.demo import run_demo
+    if args.command == "influence":
+        from curvlinops.influence_study import run_influence_study as run
+    else:
+        from curvlinops.demo import run_demo as run
 
     try:
-        run_demo(quiet=args.quiet, command=[PROG, *argv], **options)
+        run(quiet=args.quiet, command=[PROG, *argv], **options)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

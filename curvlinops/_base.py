@@ -11,7 +11,9 @@ in the backend's arrays too, unlike scipy's own composites, which call
 
 from __future__ import annotations
 
+import contextlib
 import numbers
+import sys
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -184,6 +186,22 @@ class LinearOperator(ScipyLinearOperator):
         """
         return None if self.backend is None else self.backend.device
 
+    @property
+    def torch_dtype(self) -> Any:
+        """:attr:`dtype` as a ``torch.dtype``, for ``torch.eye(n, dtype=A.torch_dtype)``.
+
+        :attr:`dtype` is a numpy dtype, as scipy's solvers need; in
+        curvlinops-for-pytorch 3.0.1 it was a ``torch.dtype``. Needs PyTorch
+        imported (this property does not import it).
+        """
+        torch = sys.modules.get("torch")
+        if torch is None:
+            raise ImportError(
+                f"{type(self).__name__}.torch_dtype: PyTorch is not imported. Import torch "
+                "first, or use .dtype (a numpy dtype)."
+            )
+        return getattr(torch, self.dtype.name)
+
     def todense(self) -> Any:
         """The matrix, built column block by column block.
 
@@ -213,9 +231,10 @@ class LinearOperator(ScipyLinearOperator):
             Y = self._native(x if x.ndim == 2 else x[:, None], adjoint)
             return _cast(Y if x.ndim == 2 else Y[:, 0], out_dtype)
         X, shared = b.import_array(x, argument)
-        if library_of(x) == "numpy" and _blas_guard.on_cpu(b):
-            _blas_guard.hold()  # a scipy solver drives us: its BLAS threads off our cores
-        Y = self._native(X, adjoint) if X.ndim == 2 else self._native_vector(X, adjoint)
+        guard = library_of(x) == "numpy" and _blas_guard.on_cpu(b)
+        # a scipy solver drives us: its BLAS threads off our cores
+        with _blas_guard.holding() if guard else contextlib.nullcontext():
+            Y = self._native(X, adjoint) if X.ndim == 2 else self._native_vector(X, adjoint)
         self._check_finite(Y)
         if shared:
             # x's memory is read by the backend: finish before the caller may change it

@@ -12,12 +12,16 @@ spinning); limiting it for the whole solve does, and costs nothing: the
 solver's vector work is small next to the products.
 
 So, when a product is asked for with a numpy array (the scipy path) and the
-operator computes on the CPU, :func:`hold` limits the BLAS pools to one thread
-and keeps them there while products keep coming; a watcher thread gives the
-original limits back once no such product has been asked for during
+operator computes on the CPU, :func:`holding` limits the BLAS pools to one
+thread and keeps them there while products keep coming; a watcher thread gives
+the original limits back once no such product has run during
 :data:`IDLE_SECONDS` (numpy code of the caller in that half second runs with
-single-threaded BLAS). Set the environment variable ``CURVLINOPS_LIMIT_BLAS=0``
-to switch this off. It needs ``threadpoolctl``; without it nothing happens.
+single-threaded BLAS). The idle time counts from the end of the last product,
+and never during one: a product slower than :data:`IDLE_SECONDS` (a large
+model, a busy machine) used to give the limits back while it ran, and every
+next product paid for a hand-off to the worker thread to set them again.
+Set the environment variable ``CURVLINOPS_LIMIT_BLAS=0`` to switch this off.
+It needs ``threadpoolctl``; without it nothing happens.
 One worker thread of the guard sets and restores the limits, so that both
 happen on the same thread: OpenBLAS (0.3.30 here) ignores a thread count set
 from another thread than the one that set it last. For the same reason the
@@ -29,20 +33,22 @@ when a call starts, so a call running at the moment of a change keeps its count.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["IDLE_SECONDS", "enabled", "hold", "is_holding", "on_cpu", "release"]
+__all__ = ["IDLE_SECONDS", "enabled", "hold", "holding", "is_holding", "on_cpu", "release"]
 
 IDLE_SECONDS = 0.5
 """How long after the last host-path product the BLAS pools get their threads back."""
 
 _lock = threading.Lock()
 _requests: queue.SimpleQueue = queue.SimpleQueue()
-_state: dict[str, Any] = {"limiter": None, "last": 0.0, "worker": None}
+_state: dict[str, Any] = {"limiter": None, "last": 0.0, "worker": None, "running": 0}
 
 
 def enabled() -> bool:
@@ -65,6 +71,20 @@ def hold() -> None:
     with _lock:
         if _state["limiter"] is None:
             _ask("limit")
+
+
+@contextlib.contextmanager
+def holding() -> Iterator[None]:
+    """:func:`hold` around one product: the idle time starts when it ends."""
+    hold()
+    with _lock:
+        _state["running"] += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _state["running"] -= 1
+        _state["last"] = time.monotonic()
 
 
 def release() -> None:
@@ -95,7 +115,7 @@ def _work() -> None:
             request, done = _requests.get(timeout=IDLE_SECONDS / 5)
         except queue.Empty:
             request, done = None, None
-        idle = time.monotonic() - _state["last"] > IDLE_SECONDS
+        idle = not _state["running"] and time.monotonic() - _state["last"] > IDLE_SECONDS
         if _state["limiter"] is not None and (request == "release" or idle):
             _state["limiter"].restore_original_limits()
             _state["limiter"] = None

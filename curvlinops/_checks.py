@@ -5,9 +5,11 @@ Every message names the argument, what was expected, what came, and how to fix i
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 __all__ = [
+    "check_positive_int",
     "describe",
     "shape_error",
     "type_error",
@@ -49,3 +51,12 @@ def value_error(argument: str, expected: str, got: str, fix: str = "") -> ValueE
 def shape_error(argument: str, expected: str, got_shape: tuple, fix: str = "") -> ValueError:
     """``ValueError`` for an array of the wrong shape."""
     return value_error(argument, expected, f"shape {tuple(got_shape)}", fix)
+
+
+def check_positive_int(value: Any, argument: str) -> int:
+    """``value`` as an ``int`` if it is a positive integer (not a bool), else raise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise type_error(argument, "a positive int", value)
+    if value <= 0:
+        raise value_error(argument, "a positive int", str(value))
+    return int(value)

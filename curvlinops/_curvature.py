@@ -4,6 +4,11 @@ A subclass writes its per-batch product once, as a pure function of
 ``(primals, X, y, V, weight)`` against the backend protocol; this class
 compiles it (``jax.jit``; as is for PyTorch), walks over the data, converts
 batches, splits wide matrices into column blocks, and accumulates.
+
+A subclass may also split its product in two: :meth:`_batch_linearize`
+(what depends on parameters and data only) and :meth:`_linearized_matmat`
+(what depends on the vectors). The operator then keeps each batch's
+linearization for later products (``cache=``, :mod:`curvlinops._linearization`).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import numpy as np
 
 from curvlinops._base import LinearOperator
 from curvlinops._checks import type_error, value_error
+from curvlinops._linearization import LinearizationCache, check_cache_options
 from curvlinops._tracing import compiled_method
 from curvlinops.backends import make_backend
 
@@ -53,8 +59,12 @@ class CurvatureOperator(LinearOperator):
         columns_per_pass: int = DEFAULT_COLUMNS_PER_PASS,
         process_group: Any = None,
         sharding: Any = None,
+        cache: bool | str = "auto",
+        cache_memory: int | None = None,
     ) -> None:
+        cache, cache_memory = check_cache_options(cache, cache_memory)
         self.backend = make_backend(model_func, params, backend)
+        self._cache = LinearizationCache(cache, cache_memory, self.backend.device)
         # Data parallelism (backends/_distributed.py): sums over processes.
         self._comm = self.backend.distribute(process_group, sharding)
         self._loss = self.backend.loss(loss_func) if self._needs_loss else None
@@ -84,12 +94,55 @@ class CurvatureOperator(LinearOperator):
     def _batch_rmatmat(self, primals: Any, X: Any, y: Any, U: Any, weight: Any) -> Any:
         raise NotImplementedError
 
+    # optional: the product split into a linearization, kept per batch, and its use
+    def _batch_linearize(self, primals: Any, X: Any, y: Any, *extras: Any) -> Any:
+        """What a batch's products share: built once, kept, passed to the two below."""
+        raise NotImplementedError
+
+    def _linearized_matmat(self, state: Any, V: Any) -> Any:
+        raise NotImplementedError
+
+    def _linearized_rmatmat(self, state: Any, U: Any) -> Any:
+        raise NotImplementedError
+
+    def _linearizable(self) -> bool:
+        """Whether products may go through :meth:`_batch_linearize` (it is written)."""
+        return type(self)._batch_linearize is not CurvatureOperator._batch_linearize
+
+    def _batch_extras(self, index: int, X: Any, n: int) -> tuple:
+        """The per-batch arguments after ``V``: the batch's weight (and noise, see fisher.py)."""
+        return (self._weight(n),)
+
+    def _batch_operand(self, V: Any, index: int, adjoint: bool) -> Any:
+        """The part of ``V`` that batch ``index`` multiplies (all of it; see jacobian.py)."""
+        return V
+
+    # --- the kept linearizations ------------------------------------------------
+    def cache_info(self) -> dict[str, Any]:
+        """What the operator keeps for repeated products (see ``cache=``).
+
+        Returns:
+            A dict: ``mode`` (the ``cache`` option), ``batches`` (indices of
+            the batches whose linearization is kept), ``nbytes`` (bytes kept,
+            parameters not counted) and ``nbytes_per_batch``, ``budget``
+            (bytes it may keep; ``None`` for no limit), ``recomputed``
+            (batches past the budget, recomputed on every product),
+            ``builds`` (linearizations built so far) and ``invalidations``
+            (times the parameters changed in place and everything kept was
+            dropped).
+        """
+        return self._cache.info()
+
+    def clear_cache(self) -> None:
+        """Forget the kept linearizations (the next product builds them again)."""
+        self._cache.clear()
+
     # --- products -------------------------------------------------------------
-    def _compiled(self, name: str) -> Callable:
+    def _compiled(self, name: str, data_args: tuple[int, ...] = (1, 2)) -> Callable:
         """Method ``name`` compiled (JAX), shared with operators of equal configuration."""
         methods = self.__dict__.setdefault("_compiled_methods", {})
         if name not in methods:
-            methods[name] = compiled_method(self, name, data_args=(1, 2))
+            methods[name] = compiled_method(self, name, data_args=data_args)
         return methods[name]
 
     @property
@@ -141,15 +194,97 @@ class CurvatureOperator(LinearOperator):
         return self._comm.all_reduce_sum(Y, check=X if replicated_input else None)
 
     def _accumulate(self, V: Any, adjoint: bool) -> Any:
-        product = self._compiled_rmatmat if adjoint else self._compiled_matmat
-        primals = self.backend.primals
+        return self._combine(self._batch_terms(V, adjoint), V, adjoint)
+
+    def _combine(self, terms: Iterator[tuple[int, Any]], V: Any, adjoint: bool) -> Any:
+        """The sum of the batches' terms (``None`` without any)."""
         result = None
-        for _, X, y, n in self._batches(f"{type(self).__name__} product"):
-            if n == 0:  # an empty batch adds nothing (and its mean loss is NaN)
-                continue
-            term = product(primals, X, y, V, self._weight(n))
+        for _, term in terms:
             result = term if result is None else result + term
         return result
+
+    def _batch_terms(self, V: Any, adjoint: bool) -> Iterator[tuple[int, Any]]:
+        """``(index, product)`` per non-empty batch, from its kept linearization if any.
+
+        When every batch's linearization is kept, the data is not read at all
+        (a DataLoader is not iterated).
+        """
+        cache = self._usable_cache(V)
+        kept = [i for i, n in enumerate(self._batch_sizes) if n > 0]
+        if cache is not None and cache.holds_all(kept):
+            for index in kept:
+                yield index, self._apply_linearization(cache.get(index), V, index, adjoint)
+            return
+        product = self._compiled_rmatmat if adjoint else self._compiled_matmat
+        primals = self.backend.primals
+        for index, X, y, n in self._batches(f"{type(self).__name__} product"):
+            if n == 0:  # an empty batch adds nothing (and its mean loss is NaN)
+                continue
+            extras = self._batch_extras(index, X, n)
+            state = None if cache is None else cache.get(index)
+            if state is None and cache is not None and cache.wants(index):
+                state = self._compiled("_batch_linearize")(primals, X, y, *extras)
+                cache.offer(index, state, self.backend.cached_bytes(state))
+            if state is not None:
+                yield index, self._apply_linearization(state, V, index, adjoint)
+            else:
+                yield index, product(primals, X, y, self._batch_operand(V, index, adjoint), *extras)
+
+    def _usable_cache(self, V: Any) -> LinearizationCache | None:
+        """The cache, fresh for the current parameters, if this product may use it."""
+        cache = self._cache
+        if not (cache.enabled and self._linearizable() and self.backend.can_linearize(V)):
+            return None
+        cache.check_fresh(self.backend.parameters_token())
+        return cache
+
+    def _apply_linearization(self, state: Any, V: Any, index: int, adjoint: bool) -> Any:
+        name = "_linearized_rmatmat" if adjoint else "_linearized_matmat"
+        operand = self._batch_operand(V, index, adjoint)
+        return self._compiled(name, data_args=())(state, operand)
+
+    # --- the loss itself -------------------------------------------------------------
+    def gradient_and_loss(self) -> tuple[Any, Any]:
+        """The gradient and value of the loss over the data (as curvlinops-for-pytorch 3.0.1).
+
+        Those of the function whose curvature the operator is, normalised alike
+        (one pass over the data; :func:`curvlinops.gradient_and_loss` as a method).
+
+        Returns:
+            ``(gradient, loss)``: the gradient as a list of tensors shaped like the
+            parameters (PyTorch) or a pytree like ``params`` (JAX); the loss a 0-d array.
+
+        Raises:
+            ValueError: The operator has no loss function (a Jacobian).
+        """
+        if self._loss is None:
+            raise value_error(
+                f"{type(self).__name__}.gradient_and_loss",
+                "an operator with a loss function",
+                "one without (it depends on the model only)",
+                "Call curvlinops.gradient_and_loss(model_func, loss_func, params, data).",
+            )
+        gradient, loss = self._flat_gradient_and_loss()
+        pieces = self.backend.unflatten(gradient)
+        return (list(pieces) if self.backend.name == "torch" else pieces), loss
+
+    def _flat_gradient_and_loss(self) -> tuple[Any, Any]:
+        """The gradient ``(P,)`` and the loss, summed over batches (and processes)."""
+        b = self.backend
+        step = self._compiled("_batch_gradient_and_loss")
+        gradient, loss = b.zeros((self.num_params,)), b.zeros(())
+        for _, X, y, n in self._batches("gradient_and_loss"):
+            if n == 0:  # an empty batch (shard) adds nothing
+                continue
+            g, value = step(b.primals, X, y, self._weight(n))
+            gradient, loss = gradient + g, loss + value
+        # data parallelism: the sums over all processes' data
+        return self._comm.all_reduce_sum(gradient), self._comm.all_reduce_sum(loss)
+
+    def _batch_gradient_and_loss(self, primals: Any, X: Any, y: Any, weight: Any) -> Any:
+        b, loss, model = self.backend, self._loss, self.backend.model_fn
+        value, pullback = b.vjp(lambda p: loss.value(b, model(p, X), y), primals)
+        return weight * b.flatten(pullback(b.xp.ones_like(value))), weight * value
 
     def _weight(self, batch_size: int) -> float:
         """The factor of one batch's loss in the total (normalisation by N)."""
@@ -262,6 +397,10 @@ class CurvatureOperator(LinearOperator):
     # --- determinism ----------------------------------------------------------------
     def _check_deterministic(self) -> None:
         """Two passes over the data must see the same batches and the same model."""
+        with self._cache.paused():  # two products that recompute everything
+            self._check_deterministic_uncached()
+
+    def _check_deterministic_uncached(self) -> None:
         b = self.backend
         first = list(self._batches("curvlinops: checking determinism"))
         second = list(self._batches("curvlinops: checking determinism"))

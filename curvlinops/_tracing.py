@@ -33,7 +33,7 @@ from curvlinops.backends._arrays import is_array
 __all__ = ["compiled_method"]
 
 # Attributes an operator may hold that its per-batch products never read.
-_DATA_ATTRIBUTES = ("_data", "_converted", "_compiled_methods")
+_DATA_ATTRIBUTES = ("_data", "_converted", "_compiled_methods", "_cache")
 _BACKEND_ARRAYS = ("primals",)
 _MAX_DEPTH = 6
 _BY_IDENTITY = (types.FunctionType, types.BuiltinFunctionType, types.ModuleType, type)

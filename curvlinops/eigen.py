@@ -24,7 +24,15 @@ import array_api_compat
 import numpy as np
 import scipy.sparse.linalg
 
-from curvlinops._checks import shape_error, value_error
+from curvlinops._checks import shape_error, type_error, value_error
+from curvlinops._memory import (
+    MemoryBudgetError,
+    MemoryEstimate,
+    format_bytes,
+    product_memory,
+    resolve_budget,
+    where,
+)
 from curvlinops._operand import (
     ConvergenceError,
     ConvergenceWarning,
@@ -42,6 +50,7 @@ __all__ = [
     "ConvergenceError",
     "ConvergenceWarning",
     "LanczosResult",
+    "MemoryBudgetError",
     "eigsh",
     "lanczos",
     "max_stable_learning_rate",
@@ -49,6 +58,21 @@ __all__ = [
 ]
 
 WHICH = ("LA", "SA", "LM")
+LANCZOS_WORK_VECTORS = 8
+"""Vectors of size ``n`` per start vector that a Lanczos step holds besides the basis
+(the current and previous vectors, the product, and the temporaries of the update)."""
+NATIVE_WORK_VECTORS = 4
+"""The same for a step of the native ``eigsh`` on writeable arrays (the product, its
+projection and the projected vector, one spare); the eigenvectors at the end replace them."""
+IMMUTABLE_WORK_VECTORS = 6
+"""The same for immutable (JAX) arrays, where no update is in place."""
+ARPACK_WORK_VECTORS = 6
+"""ARPACK's work arrays besides its basis: ``resid``, ``workd`` (3 vectors) and the
+two vectors scipy's operator call converts."""
+ACCURATE_BLOCK = 1 << 14
+"""Length of the blocks whose inner products are summed in float64 (see :func:`_inner`)."""
+MIN_EXTRA_VECTORS = 3
+"""The smallest basis ``eigsh`` shrinks to under a budget: ``k`` plus this many."""
 
 
 # --- Lanczos -------------------------------------------------------------------------------
@@ -93,6 +117,7 @@ def lanczos(
     seed: int = 0,
     v0: Any = None,
     keep_basis: bool = True,
+    memory_budget: float | None = None,
 ) -> LanczosResult:
     r"""Lanczos tridiagonalisation of a symmetric operator.
 
@@ -117,6 +142,9 @@ def lanczos(
         v0: Start vector ``(n,)``, or ``(n, m)`` for ``m`` independent runs; any
             array library (it is converted to the operator's). It is normalised.
         keep_basis: Return the basis (memory ``n * s`` per start vector).
+        memory_budget: Bytes the call may allocate (basis and work vectors, not the
+            operator's products). Default: half of the memory available where the
+            operator's arrays live (see :mod:`curvlinops._memory`).
 
     Returns:
         A :class:`LanczosResult` ``(alphas, betas, basis)`` in the operator's
@@ -124,6 +152,8 @@ def lanczos(
 
     Raises:
         ValueError: ``num_steps`` outside ``[1, n]``, or ``v0`` of a wrong shape.
+        MemoryBudgetError: The basis and work vectors need more than
+            ``memory_budget`` or than is available (checked before any product).
 
     Example:
         >>> import numpy as np
@@ -143,6 +173,14 @@ def lanczos(
             str(num_steps),
         )
     start, single = _start_vectors(op, v0, seed)
+    keep = bool(reorthogonalize) or bool(keep_basis)
+    estimate = lanczos_memory(op, start.shape[1], num_steps, keep, memory_budget)
+    estimate.fixes = [
+        "Lower num_steps or the number of start vectors, pass keep_basis=False and "
+        "reorthogonalize=False (then only the work vectors are kept), or raise "
+        "memory_budget."
+    ]
+    estimate.check()
     alphas, betas, basis = _lanczos(op, start, num_steps, bool(reorthogonalize), bool(keep_basis))
     if not bool(op.to_host(op.xp.all(op.xp.isfinite(alphas)))):
         raise_nonfinite("lanczos")
@@ -152,6 +190,52 @@ def lanczos(
     elif basis is not None:
         basis = op.xp.matrix_transpose(basis)
     return LanczosResult(alphas, betas, basis)
+
+
+def lanczos_memory(
+    op: Operand,
+    num_vectors: int,
+    num_steps: int,
+    keep: bool,
+    memory_budget: Any,
+    what: str = "lanczos",
+) -> MemoryEstimate:
+    """What :func:`lanczos` allocates for ``num_vectors`` start vectors of ``num_steps`` steps.
+
+    The basis buffer (``num_vectors * num_steps`` vectors; twice that for immutable
+    arrays such as JAX's, whose every update makes a new buffer) and the work
+    vectors; the products' own memory counts against the available memory only.
+    """
+    budget, available = resolve_budget(memory_budget, _device_of(op))
+    vector = op.shape[0] * op.dtype.itemsize
+    parts = {}
+    if keep:
+        copies = _copies(op)
+        label = f"basis ({num_vectors} x {num_steps} vectors" + (
+            ", x2 immutable)" if copies == 2 else ")"
+        )
+        parts[label] = copies * num_vectors * num_steps * vector
+    parts[f"work vectors ({LANCZOS_WORK_VECTORS} per start vector)"] = (
+        LANCZOS_WORK_VECTORS * num_vectors * vector
+    )
+    return MemoryEstimate(
+        what,
+        parts,
+        budget,
+        available,
+        where(_device_of(op)),
+        outside_budget=product_memory(op.source, num_vectors),
+    )
+
+
+def _device_of(op: Operand) -> Any:
+    """The operand's device, ``None`` for numpy."""
+    return None if op.library == "numpy" else op.device
+
+
+def _copies(op: Operand) -> int:
+    """Buffers alive per basis: 1 where arrays are updated in place, 2 for immutable arrays."""
+    return 1 if array_api_compat.is_writeable_array(op.zeros((1,))) else 2
 
 
 def _start_vectors(op: Operand, v0: Any, seed: int) -> tuple[Any, bool]:
@@ -166,7 +250,7 @@ def _start_vectors(op: Operand, v0: Any, seed: int) -> tuple[Any, bool]:
             raise shape_error("v0", f"shape ({n},) or ({n}, m)", tuple(V.shape))
         single = V.ndim == 1
         V = V[:, None] if single else V
-    norms = xp.linalg.vector_norm(V, axis=0)
+    norms = xp.sqrt(_column_dots(xp, V, V, array_api_compat.is_writeable_array(V)))
     if not bool(xp.all(norms > 0)):
         raise value_error("v0", "start vectors of non-zero norm", "a zero column")
     return V / norms, single
@@ -191,7 +275,8 @@ def _lanczos(
     # works on the whole (zero-padded) buffer with fixed shapes, compiled once.
     basis = op.zeros((m, num_steps, n)) if keep else None
     writeable = basis is not None and array_api_compat.is_writeable_array(basis)
-    step_fn = _lanczos_update(xp, op.eps * math.sqrt(n), reorthogonalize, keep, writeable)
+    accurate = array_api_compat.is_writeable_array(Q0)  # evaluated eagerly: not JAX
+    step_fn = _lanczos_update(xp, op.eps * math.sqrt(n), reorthogonalize, keep, writeable, accurate)
     update = step_fn if writeable else op.compile(step_fn)
     positions = xp.arange(num_steps, device=op.device)
     q, q_prev = Q0, xp.zeros_like(Q0)
@@ -208,14 +293,14 @@ def _lanczos(
         q_prev, q = q, q_next
         alphas.append(alpha)
         betas.append(beta)
-    alphas.append(xp.sum(q * op.matmat(q), axis=0))
+    alphas.append(_column_dots(xp, q, op.matmat(q), accurate))
     alphas_out = xp.stack(alphas, axis=1)
     betas_out = xp.stack(betas, axis=1) if betas else xp.zeros_like(alphas_out[:, :0])
     return alphas_out, betas_out, basis if keep_basis else None
 
 
 def _lanczos_update(
-    xp: Any, tolerance: float, reorthogonalize: bool, keep: bool, writeable: bool
+    xp: Any, tolerance: float, reorthogonalize: bool, keep: bool, writeable: bool, accurate: bool
 ) -> Any:
     """The vector arithmetic of one Lanczos step after the product ``w = A q``.
 
@@ -225,11 +310,11 @@ def _lanczos_update(
 
     def update(q, q_prev, beta, w, basis, anorm, positions, index):
         anorm = xp.maximum(anorm, xp.linalg.vector_norm(w, axis=0))
-        alpha = xp.sum(q * w, axis=0)
+        alpha = _column_dots(xp, q, w, accurate)
         w = w - alpha * q - beta * q_prev
         if reorthogonalize:
-            w = _project_out(xp, w, basis[:, :index, :] if writeable else basis)
-        q_next, beta_next = _normalize(xp, w, tolerance * anorm)
+            w = _project_out(xp, w, basis[:, :index, :] if writeable else basis, accurate)
+        q_next, beta_next = _normalize(xp, w, tolerance * anorm, accurate)
         if keep:
             basis = _add_row(xp, basis, positions, index, q_next, writeable)
         return alpha, q_next, beta_next, basis, anorm
@@ -246,7 +331,37 @@ def _add_row(xp: Any, basis: Any, positions: Any, index: Any, q: Any, writeable:
     return basis + onehot[None, :, None] * xp.matrix_transpose(q)[:, None, :]
 
 
-def _project_out(xp: Any, W: Any, B: Any) -> Any:
+def _inner(xp: Any, A: Any, B: Any) -> Any:
+    """``A @ B`` over a long inner axis ``n``, accurate in single precision.
+
+    A float32 inner product of ``n = 10^7`` entries, summed by BLAS in float32,
+    is off by about ``1e-3`` relative (a norm of a unit vector came out as
+    0.9992), enough to break the orthogonality of a Lanczos basis and to make
+    its Ritz values exceed the spectrum. Blocks of :data:`ACCURATE_BLOCK`
+    entries are multiplied by BLAS and their results summed in float64, as fast
+    as one call; below one block this is the plain product. For writeable
+    (eagerly evaluated) arrays; JAX's compiled reductions are accurate already.
+    """
+    n = A.shape[-1]
+    if n <= ACCURATE_BLOCK:
+        return A @ B
+    total = None
+    for start in range(0, n, ACCURATE_BLOCK):
+        stop = start + ACCURATE_BLOCK
+        part = xp.astype(A[..., start:stop] @ B[..., start:stop, :], xp.float64)
+        total = part if total is None else total + part
+    return xp.astype(total, A.dtype)
+
+
+def _column_dots(xp: Any, X: Any, Y: Any, accurate: bool) -> Any:
+    """``sum(X * Y, axis=0)`` for ``(n, m)`` arrays (float64-summed blocks if ``accurate``)."""
+    if not accurate:
+        return xp.sum(X * Y, axis=0)
+    Xt, Yt = xp.matrix_transpose(X)[:, None, :], xp.matrix_transpose(Y)[:, :, None]
+    return _inner(xp, Xt, Yt)[:, 0, 0]
+
+
+def _project_out(xp: Any, W: Any, B: Any, accurate: bool = False) -> Any:
     """Remove from each column ``W[:, i]`` its components along the rows of ``B[i]``.
 
     ``W`` is ``(n, m)`` and ``B`` is ``(m, j, n)`` with orthonormal rows; two
@@ -255,13 +370,16 @@ def _project_out(xp: Any, W: Any, B: Any) -> Any:
     Wt = xp.matrix_transpose(W)[:, :, None]  # (m, n, 1)
     Bt = xp.matrix_transpose(B)  # (m, n, j)
     for _ in range(2):
-        Wt = Wt - Bt @ (B @ Wt)
+        Wt = Wt - Bt @ (_inner(xp, B, Wt) if accurate else B @ Wt)
     return xp.matrix_transpose(Wt[:, :, 0])
 
 
-def _normalize(xp: Any, W: Any, threshold: Any) -> tuple[Any, Any]:
+def _normalize(xp: Any, W: Any, threshold: Any, accurate: bool = False) -> tuple[Any, Any]:
     """Unit columns ``W / ||W||``; columns with norm below ``threshold`` become zero."""
-    norms = xp.linalg.vector_norm(W, axis=0)
+    if accurate:
+        norms = xp.sqrt(_column_dots(xp, W, W, True))
+    else:
+        norms = xp.linalg.vector_norm(W, axis=0)
     ok = norms > threshold
     zeros = xp.zeros_like(norms)
     safe = xp.where(ok, norms, zeros + 1)
@@ -281,6 +399,8 @@ def eigsh(
     return_eigenvectors: bool = True,
     seed: int = 0,
     on_failure: str = "warn",
+    memory_budget: float | None = None,
+    return_info: bool = False,
 ) -> Any:
     r"""``k`` eigenvalues (and eigenvectors) of a symmetric operator.
 
@@ -299,6 +419,17 @@ def eigsh(
       diagonalised, and on restart the ``k`` wanted Ritz vectors and half of the
       others are kept (Wu & Simon, 2000). A Ritz pair :math:`(\theta, y)` counts as
       converged when :math:`\|A y - \theta y\| \le` ``tol`` :math:`\cdot \max|\theta|`.
+
+    Memory: the basis takes ``ncv`` vectors of size ``n`` (for a model of 100 M
+    parameters, 400 MB each in float32). Before the first product, the call adds
+    up what it will keep -- basis, work vectors, eigenvectors -- and, unless
+    ``ncv`` is given, shrinks the basis from its default until that fits
+    ``memory_budget`` (down to ``k + 3`` vectors; a smaller basis needs more
+    restarts, not more memory). Restarts rewrite the basis in place (in blocks of
+    columns) where arrays are writeable; JAX arrays are immutable, so there every
+    update holds two copies of the basis, which the estimate counts. When even
+    the smallest basis does not fit, a :class:`MemoryBudgetError` says what is
+    needed, what is available and which options lower it.
 
     Args:
         A: A symmetric operator or matrix (see above).
@@ -319,14 +450,28 @@ def eigsh(
         on_failure: ``"warn"`` (a :class:`ConvergenceWarning`, and the current
             estimates) or ``"raise"`` (a :class:`ConvergenceError`) when not all
             wanted pairs converge in ``maxiter`` restarts.
+        memory_budget: Bytes the solver may allocate (basis, work vectors,
+            eigenvectors; not the operator's products). Default: half of the memory
+            available where the operator's arrays live when the call starts.
+        return_info: Also return a dict: ``solver``, ``ncv`` (basis vectors kept),
+            ``basis_bytes``, ``estimated_bytes`` (and its ``parts``),
+            ``memory_budget``, ``available``, ``restarts``, ``products``, ``tol``,
+            ``converged``, and per returned eigenpair (ascending) ``residuals``
+            :math:`\|A y - \theta y\|` (the Lanczos estimate, exact up to rounding
+            with a reorthogonalised basis; for ARPACK computed with ``k`` extra
+            products when eigenvectors are returned) and ``relative_residuals``
+            (divided by :math:`|\theta|`).
 
     Returns:
         The eigenvalues ``(k,)`` in ascending order, and if ``return_eigenvectors``
         the unit eigenvectors as the columns of an ``(n, k)`` array, both in the
-        array library the computation ran in.
+        array library the computation ran in; the info dict last if ``return_info``.
 
     Raises:
         ValueError: ``k``, ``which``, ``ncv`` out of range; ``v0`` of a wrong shape.
+        MemoryBudgetError: The solver's arrays need more than ``memory_budget`` or
+            than is available, even with the smallest basis (checked before any
+            product).
         ConvergenceError: Not converged and ``on_failure="raise"``.
         FloatingPointError: The products with ``A`` gave NaN or inf.
 
@@ -339,21 +484,90 @@ def eigsh(
     """
     on_failure = check_choice(on_failure, "on_failure", ("warn", "raise"))
     seed = check_int(seed, "seed", minimum=0)
+    if not isinstance(return_info, bool):
+        raise type_error("return_info", "True or False", return_info)
     if _cupy.is_cupy_operator(A) and not is_array(A):  # cupyx operator or sparse matrix
         options = _eigsh_options(A.shape[0], k, which, ncv, maxiter, tol)
+        options["ncv"] = options["ncv"] or _default_ncv(A.shape[0], options["k"])
         return _eigsh_cupyx(A, v0, seed, return_eigenvectors, options)
     op = as_operand(A)
     options = _eigsh_options(op.shape[0], k, which, ncv, maxiter, tol)
+    native = not (_cupy.is_cupy_operator(op.source) or op.library == "numpy")
+    options["ncv"], estimate = _plan_basis(
+        op, options["k"], options["ncv"], memory_budget, bool(return_eigenvectors), native
+    )
     start, single = _start_vectors(op, v0, seed)
     if not single:
         raise shape_error("v0", f"a vector of shape ({op.shape[0]},)", tuple(start.shape))
     start = start[:, 0]
-    if _cupy.is_cupy_operator(op.source):
-        return _eigsh_library(_cupy.eigsh, op, start, return_eigenvectors, on_failure, options)
-    if op.library == "numpy":
-        solver = scipy.sparse.linalg.eigsh
-        return _eigsh_library(solver, op, start, return_eigenvectors, on_failure, options)
-    return _eigsh_native(op, start, seed, bool(return_eigenvectors), on_failure, **options)
+    if native:
+        # handed over in a list, so that no reference here keeps the vector alive
+        handover, start = [start], None
+        result, info = _eigsh_native(
+            op, handover, seed, bool(return_eigenvectors), on_failure, **options
+        )
+    else:
+        cupy = _cupy.is_cupy_operator(op.source)
+        solver = _cupy.eigsh if cupy else scipy.sparse.linalg.eigsh
+        result = _eigsh_library(solver, op, start, return_eigenvectors, on_failure, options)
+        info = _library_info(op, result, return_eigenvectors, return_info, options)
+    if not return_info:
+        return result
+    info.update(ncv=options["ncv"], **estimate.as_dict())
+    info["basis_bytes"] = _copies(op) * options["ncv"] * op.shape[0] * op.dtype.itemsize
+    return (*result, info) if return_eigenvectors else (result, info)
+
+
+def _default_ncv(n: int, k: int) -> int:
+    """The default basis size (scipy's)."""
+    return min(n, max(2 * k + 1, 20))
+
+
+def _plan_basis(
+    op: Operand, k: int, ncv: int | None, memory_budget: Any, vectors: bool, native: bool
+) -> tuple[int, MemoryEstimate]:
+    """The basis size and the memory estimate of an ``eigsh`` call, checked.
+
+    A given ``ncv`` is kept (and refused if it does not fit); the default shrinks
+    to the largest size that fits the budget, but not below ``k + 3``.
+    """
+    n = op.shape[0]
+    budget, available = resolve_budget(memory_budget, _device_of(op))
+    vector = n * op.dtype.itemsize
+    copies = _copies(op) if native else 1
+    work = {1: NATIVE_WORK_VECTORS, 2: IMMUTABLE_WORK_VECTORS}[copies]
+    outside = product_memory(op.source, 1)
+
+    def estimate(size: int) -> MemoryEstimate:
+        immutable = ", x2 immutable" if copies == 2 else ""
+        parts = {f"basis ({size} vectors{immutable})": copies * size * vector}
+        if not native:  # ARPACK keeps its work arrays while it forms the eigenvectors
+            parts["work vectors"] = ARPACK_WORK_VECTORS * vector
+            if vectors:
+                parts[f"eigenvectors ({k})"] = k * vector
+        elif vectors and k > work:  # the eigenvectors come after the work vectors are gone
+            parts[f"eigenvectors ({k}, after the work vectors)"] = k * vector
+        else:
+            parts["work vectors"] = work * vector
+        return MemoryEstimate("eigsh", parts, budget, available, where(_device_of(op)),
+                              outside_budget=outside)  # fmt: skip
+
+    if ncv is None:
+        ncv, smallest = _default_ncv(n, k), min(n, k + MIN_EXTRA_VECTORS)
+        while ncv > smallest and budget is not None and estimate(ncv).total > budget:
+            ncv -= 1
+        single = " or compute in float32" if op.dtype.itemsize > 4 else ""
+        fixes = (
+            f"The basis is already at its smallest ({ncv} = k + {ncv - k} vectors of "
+            f"{format_bytes(vector)}): raise memory_budget, lower k{single}, or pass "
+            "return_eigenvectors=False."
+        )
+    else:
+        fixes = f"Lower ncv (at least k + 1 = {k + 1}) or leave it out, or raise memory_budget."
+    result = estimate(ncv)
+    result.fixes = [fixes]
+    result.check()
+    return ncv, result
 
 
 def _eigsh_cupyx(A: Any, v0: Any, seed: int, return_eigenvectors: bool, options: dict) -> Any:
@@ -371,9 +585,10 @@ def _eigsh_options(n: int, k: Any, which: Any, ncv: Any, maxiter: Any, tol: Any)
             "k", f"k < n = {n}", str(k), "For all eigenvalues, use numpy.linalg.eigh on todense()."
         )
     which = check_choice(which, "which", WHICH)
-    ncv = min(n, max(2 * k + 1, 20)) if ncv is None else check_int(ncv, "ncv")
-    if not k < ncv <= n:
-        raise value_error("ncv", f"k < ncv <= n (k = {k}, n = {n})", str(ncv))
+    if ncv is not None:
+        ncv = check_int(ncv, "ncv")
+        if not k < ncv <= n:
+            raise value_error("ncv", f"k < ncv <= n (k = {k}, n = {n})", str(ncv))
     maxiter = 10 * n if maxiter is None else check_int(maxiter, "maxiter")
     tol = None if tol is None else check_real(tol, "tol", minimum=0.0)
     return dict(k=k, which=which, ncv=ncv, maxiter=maxiter, tol=tol)
@@ -405,6 +620,29 @@ def _eigsh_library(
     return xp.sort(result)
 
 
+def _library_info(
+    op: Operand, result: Any, return_eigenvectors: bool, return_info: bool, options: dict
+) -> dict[str, Any]:
+    """Info of an ARPACK run: residuals from ``k`` extra products when vectors are returned."""
+    info: dict[str, Any] = {"solver": "ARPACK", "tol": options["tol"] or 0.0}
+    if not (return_info and return_eigenvectors):
+        return info
+    values, vectors = result
+    xp = array_api_compat.array_namespace(vectors)
+    residuals = xp.linalg.vector_norm(op.matmat(vectors) - vectors * values, axis=0)
+    host_values, host_residuals = op.to_host(values), op.to_host(residuals)
+    info["residuals"] = host_residuals.tolist()
+    info["relative_residuals"] = _relative(host_residuals, host_values).tolist()
+    info["products"] = None  # ARPACK's own count is not reported by scipy
+    return info
+
+
+def _relative(residuals: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """``residuals / |values|`` (infinite for zero eigenvalues)."""
+    with np.errstate(divide="ignore"):
+        return np.asarray(residuals, np.float64) / np.abs(np.asarray(values, np.float64))
+
+
 class _Krylov:
     """Orthonormal basis ``V`` (rows), its projection ``H``, and the next vector.
 
@@ -419,21 +657,26 @@ class _Krylov:
         self.V = op.zeros((ncv, op.shape[0]))
         self.H = op.zeros((ncv, ncv))
         self.positions = op.xp.arange(ncv, device=op.device)
-        writeable = array_api_compat.is_writeable_array(self.V)
-        update = _krylov_update(op.xp, writeable)
-        self._update = update if writeable else op.compile(update)
+        self.writeable = array_api_compat.is_writeable_array(self.V)
+        update = _krylov_update(op.xp, self.writeable)
+        self._update = update if self.writeable else op.compile(update)
         self.size = 0
         self.next, self.resid = start, 0.0
         self.anorm = 0.0
         self.breakdowns = 0
+        self.restarts = 0
 
     def step(self) -> None:
         """One product: add ``next`` to the basis and its column to ``H``."""
         n = self.op.shape[0]
+        if self.writeable:  # the row is the only copy of the vector while A multiplies it
+            self.V[self.size, :] = self.next
+            self.next = self.V[self.size, :]
         w = self.op.matmat(self.next[:, None])[:, 0]
         self.V, self.H, w, norms = self._update(
             self.V, self.H, self.next, w, self.positions, self.size
         )
+        self.next = None
         self.size += 1
         norms = self.op.to_host(norms)
         if not np.isfinite(norms).all():
@@ -442,7 +685,11 @@ class _Krylov:
         if self.size == n:  # the basis spans everything: no residual
             self.next, self.resid = None, 0.0
         elif float(norms[1]) > self.op.eps * math.sqrt(n) * self.anorm:
-            self.next, self.resid = w / float(norms[1]), float(norms[1])
+            if self.writeable:  # w is this step's own array: scaled in place
+                w /= float(norms[1])
+            else:
+                w = w / float(norms[1])
+            self.next, self.resid = w, float(norms[1])
         else:  # invariant subspace found: continue with a fresh direction
             self.next, self.resid = self._fresh_direction(), 0.0
 
@@ -450,9 +697,11 @@ class _Krylov:
         self.breakdowns += 1
         xp = self.op.xp
         w = self.op.random((self.op.shape[0],), self.seed + 7919 * self.breakdowns)
+        writeable = array_api_compat.is_writeable_array(self.V)
         for _ in range(2):
-            w = w - (self.V @ w) @ self.V
-        return w / xp.linalg.vector_norm(w)
+            h = _inner(xp, self.V, w[:, None])[:, 0] if writeable else self.V @ w
+            w = w - h @ self.V
+        return w / xp.sqrt(_column_dots(xp, w[:, None], w[:, None], writeable))[0]
 
     def ritz(self) -> tuple[Any, Any, np.ndarray, np.ndarray]:
         """Ritz values and vectors of ``T`` (native), and values and residuals on the host.
@@ -472,9 +721,26 @@ class _Krylov:
         index = op.index(order)
         mask = xp.astype(xp.arange(self.ncv, device=op.device) < keep, op.native_dtype)
         S_keep = xp.take(S, index, axis=1) * mask[None, :]
-        self.V = xp.matrix_transpose(S_keep) @ self.V
+        if array_api_compat.is_writeable_array(self.V):
+            _rotate_in_place(self.V, xp.matrix_transpose(S_keep))
+        else:
+            self.V = xp.matrix_transpose(S_keep) @ self.V
         self.H = op.eye(self.ncv) * (xp.take(theta, index) * mask)[None, :]
         self.size = keep
+        self.restarts += 1
+
+
+def _rotate_in_place(V: Any, R: Any) -> None:
+    """``V <- R V`` for a writeable ``(m, n)`` array, block by block of columns.
+
+    Each block of columns is replaced by its own image, so the only temporary
+    is one block of ``m * (n / m)`` entries (one vector's worth), not a second
+    copy of the basis.
+    """
+    m, n = V.shape
+    width = max(1, -(-n // m))
+    for start in range(0, n, width):
+        V[:, start : start + width] = R @ V[:, start : start + width]
 
 
 def _krylov_update(xp: Any, writeable: bool) -> Any:
@@ -488,23 +754,28 @@ def _krylov_update(xp: Any, writeable: bool) -> Any:
     """
 
     def update(V, H, v, w, positions, index):
-        if writeable:
-            V[index, :] = v
+        w_in = w
+        if writeable:  # row `index` holds v already (see _Krylov.step)
             filled = V[: index + 1, :]
         else:
             e = xp.astype(positions == index, V.dtype)
             V = V + e[:, None] * v[None, :]
             filled = V
-        norm_w = xp.linalg.vector_norm(w)
+        if writeable:  # eager: float64-summed blocks (see _inner); in place after a copy
+            h = _inner(xp, filled, w[:, None])[:, 0]
+            w = w - h @ filled  # a new array: the product's result may be shared
+            h2 = _inner(xp, filled, w[:, None])[:, 0]
+            w -= h2 @ filled
+            h = h + h2
+            H[: index + 1, index] = h
+            norm_w = xp.sqrt(_inner(xp, w[None, :], w[:, None])[0, 0])
+            return V, H, w, xp.stack([xp.linalg.vector_norm(w_in), norm_w])
         h = filled @ w
         w = w - h @ filled
         h2 = filled @ w
         w, h = w - h2 @ filled, h + h2
-        if writeable:
-            H[: index + 1, index] = h
-        else:
-            H = H + h[:, None] * e[None, :]
-        return V, H, w, xp.stack([norm_w, xp.linalg.vector_norm(w)])
+        H = H + h[:, None] * e[None, :]
+        return V, H, w, xp.stack([xp.linalg.vector_norm(w_in), xp.linalg.vector_norm(w)])
 
     return update
 
@@ -520,7 +791,7 @@ def _order(theta: np.ndarray, which: str) -> np.ndarray:
 
 def _eigsh_native(
     op: Operand,
-    start: Any,
+    start: list,
     seed: int,
     return_eigenvectors: bool,
     on_failure: str,
@@ -531,11 +802,10 @@ def _eigsh_native(
     maxiter: int,
     tol: float | None,
 ) -> Any:
-    """Thick-restart Lanczos in the operator's array library."""
+    """Thick-restart Lanczos in the operator's array library (``start``: a list to empty)."""
     xp = op.xp
     tol = op.eps ** (2 / 3) if tol is None else tol
-    krylov = _Krylov(op, start, ncv, seed)
-    restarts = 0
+    krylov = _Krylov(op, start.pop(), ncv, seed)
     while True:
         while krylov.size < ncv and krylov.next is not None:
             krylov.step()
@@ -546,21 +816,32 @@ def _eigsh_native(
         wanted = order[:k]
         scale = max(float(np.max(np.abs(theta_host))), np.finfo(op.dtype).tiny)
         bad = residuals[wanted] > tol * scale
-        if not bad.any() or krylov.next is None or restarts >= maxiter:
+        if not bad.any() or krylov.next is None or krylov.restarts >= maxiter:
             break
-        restarts += 1
         m = krylov.size
         krylov.restart(theta, S, order, max(k, min(m - 1, k + (m - k) // 2)))
     if bad.any():
-        _report_eigsh_failure(on_failure, bad, residuals[wanted] / scale, tol, restarts, op)
+        relative = residuals[wanted] / scale
+        _report_eigsh_failure(on_failure, bad, relative, tol, krylov.restarts, op)
     wanted = wanted[np.argsort(theta_host[wanted], kind="stable")]
+    info = {
+        "solver": "thick-restart Lanczos",
+        "restarts": krylov.restarts,
+        "products": op.num_products,
+        "tol": tol,
+        "criterion": "residual <= tol * max|Ritz value|",
+        "converged": not bool(bad.any()),
+        "residuals": residuals[wanted].tolist(),
+        "relative_residuals": _relative(residuals[wanted], theta_host[wanted]).tolist(),
+    }
     index = op.index(wanted)
     values = xp.take(theta, index)
     if not return_eigenvectors:
-        return values
-    vectors = xp.matrix_transpose(krylov.V) @ xp.take(S, index, axis=1)
+        return values, info
+    krylov.next = None  # the work vectors go before the eigenvectors come
     # V has ncv rows, all in use: the Ritz vectors are V^T S[:, wanted]
-    return values, vectors
+    vectors = xp.matrix_transpose(krylov.V) @ xp.take(S, index, axis=1)
+    return (values, vectors), info
 
 
 def _report_eigsh_failure(
@@ -578,15 +859,19 @@ def _report_eigsh_failure(
 
 
 # --- derived quantities -------------------------------------------------------------------
-def sharpness(A: Any, **eigsh_options: Any) -> float:
+def sharpness(A: Any, *, return_info: bool = False, **eigsh_options: Any) -> Any:
     r"""The largest eigenvalue :math:`\lambda_{\max}(A)` ("sharpness" of a loss' Hessian).
 
     Args:
         A: A symmetric operator or matrix (as for :func:`eigsh`).
-        **eigsh_options: Passed to :func:`eigsh` (``tol``, ``seed``, ``ncv``, ...).
+        return_info: Also return :func:`eigsh`'s info dict (basis size, memory,
+            residual bound).
+        **eigsh_options: Passed to :func:`eigsh` (``tol``, ``seed``, ``ncv``,
+            ``memory_budget``, ...).
 
     Returns:
-        :math:`\lambda_{\max}` as a Python float.
+        :math:`\lambda_{\max}` as a Python float; with ``return_info``, the pair
+        ``(value, info)``.
 
     Example:
         >>> import numpy as np
@@ -594,9 +879,12 @@ def sharpness(A: Any, **eigsh_options: Any) -> float:
         >>> round(sharpness(np.diag([-5.0, 1.0, 2.0, 3.0])), 12)
         3.0
     """
-    values = eigsh(A, k=1, which="LA", return_eigenvectors=False, **eigsh_options)
+    values, info = eigsh(
+        A, k=1, which="LA", return_eigenvectors=False, return_info=True, **eigsh_options
+    )
     xp = array_api_compat.array_namespace(values)
-    return float(xp.max(values))
+    top = float(xp.max(values))
+    return (top, info) if return_info else top
 
 
 def max_stable_learning_rate(A: Any, **eigsh_options: Any) -> float:

@@ -54,16 +54,8 @@ class _GradientMomentOperator(CurvatureOperator):
         raise NotImplementedError
 
     # --- products -----------------------------------------------------------------
-    def _accumulate(self, V: Any, adjoint: bool) -> Any:
-        primals = self.backend.primals
-        result = None
-        for index, X, y, n in self._batches(f"{type(self).__name__} product"):
-            if n == 0:  # an empty batch (shard) adds nothing
-                continue
-            noise = self._noise(index, X)
-            term = self._compiled_matmat(primals, X, y, V, self._weight(n), noise)
-            result = term if result is None else result + term
-        return result
+    def _batch_extras(self, index: int, X: Any, n: int) -> tuple:
+        return self._weight(n), self._noise(index, X)
 
     def _batch_matmat(self, primals: Any, X: Any, y: Any, V: Any, weight: Any, noise: Any) -> Any:
         b, loss, model = self.backend, self._loss, self.backend.model_fn
@@ -76,6 +68,24 @@ class _GradientMomentOperator(CurvatureOperator):
             return b.flatten(pullback(scale * b.xp.sum(G * inner, axis=0)))
 
         return weight * map_columns(b, column, V)
+
+    # --- kept linearization: the model's graph, its transpose, the gradients -----
+    def _batch_linearize(self, primals: Any, X: Any, y: Any, weight: Any, noise: Any) -> Any:
+        b, loss, model = self.backend, self._loss, self.backend.model_fn
+        lin = b.linearize(lambda p: model(p, X), primals, transpose=True)
+        z = b.linear_output(lin)
+        G = self._gradients(z, y, noise)
+        return lin, G, weight * loss.normalization(z) / G.shape[0]
+
+    def _linearized_matmat(self, state: Any, V: Any) -> Any:
+        b, loss, (lin, G, scale) = self.backend, self._loss, state
+        z = b.linear_output(lin)
+
+        def column(v: Any) -> Any:
+            inner = loss.term_sum(b, G * b.linear_jvp(lin, b.unflatten(v)), z)
+            return b.flatten(b.linear_vjp(lin, scale * b.xp.sum(G * inner, axis=0)))
+
+        return map_columns(b, column, V)
 
     # --- diagonal -----------------------------------------------------------------
     def diagonal(self) -> Any:

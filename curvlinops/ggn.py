@@ -102,3 +102,18 @@ class GGNLinearOperator(CurvatureOperator):
             return b.flatten(pullback(loss.output_hessian_vp(b, z, y, Jv)))
 
         return weight * map_columns(b, column, V)
+
+    # --- kept linearization: the model's graph and its transpose (JAX: jax.vjp) --
+    def _batch_linearize(self, primals: Any, X: Any, y: Any, weight: Any) -> Any:
+        b, model = self.backend, self.backend.model_fn
+        return b.linearize(lambda p: model(p, X), primals, transpose=True), y, weight
+
+    def _linearized_matmat(self, state: Any, V: Any) -> Any:
+        b, loss, (lin, y, weight) = self.backend, self._loss, state
+        z = b.linear_output(lin)
+
+        def column(v: Any) -> Any:
+            Jv = b.linear_jvp(lin, b.unflatten(v))
+            return b.flatten(b.linear_vjp(lin, loss.output_hessian_vp(b, z, y, Jv)))
+
+        return weight * map_columns(b, column, V)

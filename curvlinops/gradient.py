@@ -75,7 +75,7 @@ def gradient_and_loss(
         batch_size_fn=batch_size_fn,
         backend=backend,
     )
-    gradient, loss = op.gradient_and_loss()
+    gradient, loss = op._flat_gradient_and_loss()  # (the base class walks the data)
     if flat:
         return gradient, loss
     return _like_params(op.backend, params, gradient), loss
@@ -86,23 +86,6 @@ class _GradientOperator(CurvatureOperator):
 
     def _shape(self) -> tuple[int, int]:
         return (self.num_params, 1)
-
-    def gradient_and_loss(self) -> tuple[Any, Any]:
-        b = self.backend
-        step = self._compiled("_batch_gradient_and_loss")
-        gradient, loss = b.zeros((self.num_params,)), b.zeros(())
-        for _, X, y, n in self._batches("gradient_and_loss"):
-            if n == 0:  # an empty batch (shard) adds nothing
-                continue
-            g, value = step(b.primals, X, y, self._weight(n))
-            gradient, loss = gradient + g, loss + value
-        # data parallelism: the sums over all processes' data
-        return self._comm.all_reduce_sum(gradient), self._comm.all_reduce_sum(loss)
-
-    def _batch_gradient_and_loss(self, primals: Any, X: Any, y: Any, weight: Any) -> Any:
-        b, loss, model = self.backend, self._loss, self.backend.model_fn
-        value, pullback = b.vjp(lambda p: loss.value(b, model(p, X), y), primals)
-        return weight * b.flatten(pullback(b.xp.ones_like(value))), weight * value
 
     def _batch_matmat(self, primals: Any, X: Any, y: Any, V: Any, weight: Any) -> Any:
         return self._batch_gradient_and_loss(primals, X, y, weight)[0][:, None] * V

@@ -1,10 +1,12 @@
-r"""Inverses of curvature operators, as operators: conjugate gradients and Neumann series.
+r"""Inverses of curvature operators, as operators: conjugate gradients, Neumann series, LSMR.
 
 :class:`CGInverseLinearOperator` applies :math:`(A + \lambda I)^{-1}` by solving
 with conjugate gradients; :class:`NeumannInverseLinearOperator` approximates it
-by a truncated Neumann series. Both are operators of this library: they
-compose (``Hinv @ G``, ``2.0 * Hinv``), work in scipy's solvers, take and return
-arrays of any library, and compute in the operator's own array library.
+by a truncated Neumann series; :class:`LSMRInverseLinearOperator` applies the
+(damped least-squares) inverse of any square operator by LSMR. All are
+operators of this library: they compose (``Hinv @ G``, ``2.0 * Hinv``), work in
+scipy's solvers, take and return arrays of any library, and compute in the
+operator's own array library.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from scipy.sparse import issparse
 from scipy.sparse.linalg import LinearOperator as ScipyLinearOperator
 
 from curvlinops._base import LinearOperator
-from curvlinops._checks import shape_error, type_error
+from curvlinops._checks import shape_error, type_error, value_error
 from curvlinops._operand import (
     ConvergenceError,
     ConvergenceWarning,
@@ -35,6 +37,8 @@ __all__ = [
     "CGInverseLinearOperator",
     "ConvergenceError",
     "ConvergenceWarning",
+    "LSMRInfo",
+    "LSMRInverseLinearOperator",
     "NeumannInverseLinearOperator",
 ]
 
@@ -161,6 +165,10 @@ class CGInverseLinearOperator(_InverseBase):
             operator or matrix (as ``A``) or a function on native ``(n, K)``
             arrays. It must be symmetric positive definite.
         on_failure: ``"warn"`` or ``"raise"``.
+        tolerance: curvlinops-for-pytorch 3.0.1's name of ``tol`` (there, GPyTorch's
+            CG stopped when the mean relative residual over the columns fell below
+            it, default 1; here each column meets it).
+        max_iter: 3.0.1's name of ``maxiter``.
 
     Example:
         >>> import numpy as np
@@ -178,14 +186,20 @@ class CGInverseLinearOperator(_InverseBase):
         A: Any,
         *,
         damping: float = 0.0,
-        tol: float = 1e-5,
+        tol: float | None = None,
         atol: float = 0.0,
         maxiter: int | None = None,
         preconditioner: Any = None,
         on_failure: str = "warn",
+        tolerance: float | None = None,
+        max_iter: int | None = None,
+        **unsupported: Any,
     ) -> None:
         super().__init__(A, damping)
-        self.tol = check_real(tol, "tol", minimum=0.0)
+        _refuse_options(unsupported, "CGInverseLinearOperator", _CG_OPTIONS_3_0_1)
+        tol = _one_of(tol, "tol", tolerance, "tolerance")
+        maxiter = _one_of(maxiter, "maxiter", max_iter, "max_iter")
+        self.tol = 1e-5 if tol is None else check_real(tol, "tol", minimum=0.0)
         self.atol = check_real(atol, "atol", minimum=0.0)
         n = self.shape[0]
         self.maxiter = 10 * n if maxiter is None else check_int(maxiter, "maxiter")
@@ -420,6 +434,14 @@ class NeumannInverseLinearOperator(_InverseBase):
         scale: :math:`s > 0`.
         damping: :math:`\lambda \ge 0`.
         on_failure: ``"warn"`` or ``"raise"`` when the series diverges.
+        check_nan: Raise a :class:`~curvlinops.inverse.ConvergenceError` when the
+            result holds NaN or inf, whatever ``on_failure`` says (as
+            curvlinops-for-pytorch 3.0.1, which raised a ``ValueError``).
+
+    The defaults ``num_terms=100, scale=1.0`` and the positional order are those
+    of curvlinops-for-pytorch 3.0.1. There, ``num_terms`` counted the products
+    (the sum ran over :math:`k = 0, \dots, N`, :math:`N + 1` terms); here it
+    counts the terms: pass ``num_terms + 1`` for 3.0.1's numbers.
 
     Example:
         >>> import numpy as np
@@ -433,9 +455,10 @@ class NeumannInverseLinearOperator(_InverseBase):
     def __init__(
         self,
         A: Any,
+        num_terms: int = 100,
+        scale: float = 1.0,
+        check_nan: bool = True,
         *,
-        num_terms: int,
-        scale: float,
         damping: float = 0.0,
         on_failure: str = "warn",
     ) -> None:
@@ -443,6 +466,9 @@ class NeumannInverseLinearOperator(_InverseBase):
         self.num_terms = check_int(num_terms, "num_terms")
         self.scale = check_real(scale, "scale", minimum=0.0, strict=True)
         self.on_failure = check_choice(on_failure, "on_failure", ("warn", "raise"))
+        if not isinstance(check_nan, bool):
+            raise type_error("check_nan", "True or False", check_nan)
+        self.check_nan = check_nan
         self.info: NeumannInfo | None = None
 
     def _solve(self, B: Any) -> Any:
@@ -456,13 +482,358 @@ class NeumannInverseLinearOperator(_InverseBase):
         ratios = host[0] / np.where(host[1] > 0, host[1], 1.0)
         self.info = NeumannInfo(last_term_ratios=ratios)
         if ratios.size and not bool(np.all(ratios <= 1.0)):
+            largest = np.nanmax(ratios) if np.isfinite(ratios).any() else np.nan
             message = (
                 "NeumannInverseLinearOperator: the series diverges (last term "
-                f"{np.nanmax(ratios):.2e} times the first): scale = {s:g} must be below "
+                f"{largest:.2e} times the first): scale = {s:g} must be below "
                 "2 / lambda_max(A + damping I), and A + damping I positive definite. Use e.g. "
                 "scale = 0.9 * curvlinops.eigen.max_stable_learning_rate(A)."
             )
-            if self.on_failure == "raise":
+            nonfinite = not bool(np.isfinite(host).all())
+            if nonfinite:
+                message += " The result holds NaN or inf."
+            if self.on_failure == "raise" or (self.check_nan and nonfinite):
                 raise ConvergenceError(message)
             warnings.warn(message, ConvergenceWarning, stacklevel=6)
         return s * total
+
+
+# --- LSMR --------------------------------------------------------------------------------
+@dataclass
+class LSMRInfo:
+    r"""Report of the last :class:`LSMRInverseLinearOperator` product, one entry per column.
+
+    Attributes:
+        iterations: LSMR iterations run for each column.
+        residual_norms: Estimate of :math:`\|b - A x\|` (with damping
+            :math:`d`: of :math:`\|(b, 0) - (A; d I) x\|`).
+        normal_residual_norms: Estimate of :math:`\|A^\top r - d^2 x\|`.
+        stop_reasons: Why each column stopped: ``"zero rhs"`` (:math:`x = 0`
+            solves it), ``"atol/btol"`` (:math:`Ax \approx b`), ``"least squares"``
+            (the normal equations are met to ``atol``), ``"conlim"`` (the estimated
+            condition number passed ``conlim``) or ``"maxiter"``.
+        converged: Whether the column stopped on one of the first three reasons.
+    """
+
+    iterations: np.ndarray
+    residual_norms: np.ndarray
+    normal_residual_norms: np.ndarray
+    stop_reasons: np.ndarray
+    converged: np.ndarray
+
+
+_CONVERGED = ("zero rhs", "atol/btol", "least squares")
+
+
+class LSMRInverseLinearOperator(_InverseBase):
+    r"""The (pseudo-)inverse of a square operator, applied by LSMR.
+
+    .. math::
+        x = \arg\min_x \|b - A x\|^2 + d^2 \|x\|^2
+          = (A^\top A + d^2 I)^{-1} A^\top b ,
+
+    which is :math:`A^{-1} b` for an invertible :math:`A` and ``damp`` :math:`d = 0`.
+    LSMR (Fong and Saunders, 2011) is MINRES on the normal equations, built on
+    Golub-Kahan bidiagonalisation: each iteration costs one product with
+    :math:`A` and one with :math:`A^\top`, for all columns of ``b`` together
+    (one ``matmat`` each). Unlike CG it needs neither symmetry nor
+    definiteness, so it suits indefinite Hessians and singular matrices (it
+    returns the minimum-norm least-squares solution when started from zero).
+
+    A column stops, as in scipy's ``lsmr``, when :math:`\|r\| \le
+    \mathrm{btol}\,\|b\| + \mathrm{atol}\,\|A\|\,\|x\|`, or when
+    :math:`\|A^\top r\| \le \mathrm{atol}\,\|A\|\,\|r\|`, or when the estimated
+    condition number of :math:`A` exceeds ``conlim``; after ``maxiter``
+    iterations it gives up with a :class:`~curvlinops.inverse.ConvergenceWarning`
+    (or :class:`~curvlinops.inverse.ConvergenceError` with ``on_failure="raise"``).
+    :attr:`info` (an :class:`LSMRInfo`) holds the details per column.
+
+    The keywords are those of scipy's ``lsmr``, which curvlinops-for-pytorch
+    3.0.1 called column by column on the host; here the columns run together in
+    the operator's own array library.
+
+    Args:
+        A: A square operator of this library, a scipy ``LinearOperator`` or sparse
+            matrix, or a dense array (symmetric or not).
+        damp: :math:`d \ge 0`.
+        atol: Relative tolerance on the normal equations (and on :math:`\|r\|`
+            relative to :math:`\|A\|\,\|x\|`).
+        btol: Relative tolerance on :math:`\|r\|` relative to :math:`\|b\|`.
+        conlim: Stop when the estimated condition number exceeds it (``0``: never).
+        maxiter: Largest number of iterations (default ``n``, as scipy).
+        on_failure: ``"warn"`` or ``"raise"``.
+
+    Example:
+        >>> import numpy as np
+        >>> from curvlinops import LSMRInverseLinearOperator
+        >>> A = np.array([[2.0, 1.0], [0.0, 3.0]])
+        >>> Ainv = LSMRInverseLinearOperator(A, atol=1e-12, btol=1e-12)
+        >>> bool(np.allclose(Ainv @ np.array([3.0, 3.0]), [1.0, 1.0]))
+        True
+    """
+
+    def __init__(
+        self,
+        A: Any,
+        *,
+        damp: float = 0.0,
+        atol: float = 1e-6,
+        btol: float = 1e-6,
+        conlim: float = 1e8,
+        maxiter: int | None = None,
+        on_failure: str = "warn",
+        **unsupported: Any,
+    ) -> None:
+        super().__init__(A, 0.0)
+        _refuse_options(unsupported, "LSMRInverseLinearOperator", _LSMR_OPTIONS_SCIPY)
+        self.is_symmetric = bool(getattr(A, "is_symmetric", False))
+        self.damp = check_real(damp, "damp", minimum=0.0)
+        self.atol = check_real(atol, "atol", minimum=0.0)
+        self.btol = check_real(btol, "btol", minimum=0.0)
+        self.conlim = check_real(conlim, "conlim", minimum=0.0)
+        n = self.shape[0]
+        self.maxiter = n if maxiter is None else check_int(maxiter, "maxiter")
+        self.on_failure = check_choice(on_failure, "on_failure", ("warn", "raise"))
+        self.info: LSMRInfo | None = None
+
+    def _native(self, X: Any, adjoint: bool) -> Any:
+        # (A^T A + d^2 I)^{-1} A^T is the adjoint of the same map for A^T
+        if self.backend is not None:
+            return self._solve(X, adjoint)
+        return self._op.export(self._solve(self._op.native(X, "x"), adjoint), X)
+
+    def _solve(self, B: Any, adjoint: bool = False) -> Any:
+        solver = _BatchedLSMR(self, B, adjoint)
+        X = solver.run()
+        self.info = solver.info()
+        if not self.info.converged.all():
+            self._report(self.info)
+        return X
+
+    def _report(self, info: LSMRInfo) -> None:
+        failed = ~info.converged
+        reasons = sorted(set(info.stop_reasons[failed].tolist()))
+        message = (
+            f"LSMRInverseLinearOperator: {int(failed.sum())} of {failed.size} columns did not "
+            f"converge (stopped on {', '.join(reasons)}; atol {self.atol:.1e}, btol "
+            f"{self.btol:.1e}, conlim {self.conlim:.1e}, maxiter {self.maxiter}). Increase "
+            "maxiter or conlim, loosen atol/btol, or add damping (damp). Details per column: "
+            ".info."
+        )
+        if self.on_failure == "raise":
+            raise ConvergenceError(message)
+        warnings.warn(message, ConvergenceWarning, stacklevel=6)
+
+
+class _BatchedLSMR:
+    """LSMR on the columns of ``B``, all advancing together.
+
+    Vectors stay native (on the device); the scalar recurrences of each
+    column (plane rotations, norm estimates, stopping tests) run on the host
+    in float64, one ``(K,)`` array per quantity, with two small transfers per
+    iteration. A column that stops keeps its solution (``where``) while the
+    others go on. Notation of Fong and Saunders (2011).
+    """
+
+    def __init__(self, owner: LSMRInverseLinearOperator, B: Any, adjoint: bool) -> None:
+        self.owner, self.op, self.xp = owner, owner._op, owner._op.xp
+        op = self.op
+        self.A = op.rmatmat if adjoint else op.matmat
+        self.At = op.matmat if adjoint else op.rmatmat
+        K = B.shape[1]
+        self.iterations = np.zeros(K, dtype=int)
+        self.reasons = np.full(K, "", dtype=object)
+        beta, self.U = self._normalize(B)
+        alpha, self.V = self._normalize(self.At(self.U))
+        self.alpha = alpha
+        self.X = self.xp.zeros_like(self.V)
+        self.H, self.Hbar = self.V, self.xp.zeros_like(self.V)
+        self.s = _LSMRScalars(alpha, beta, owner.damp)
+        self.reasons[beta == 0] = "zero rhs"
+        self.reasons[(beta > 0) & (alpha == 0)] = "least squares"
+
+    def _normalize(self, W: Any) -> tuple[np.ndarray, Any]:
+        """Column norms on the host and the columns scaled to unit norm (zero stays zero)."""
+        norms = self.op.to_host(self.xp.linalg.vector_norm(W, axis=0)).astype(np.float64)
+        safe = np.where(norms > 0, norms, 1.0)
+        return norms, W / self._device(safe)
+
+    def _device(self, values: np.ndarray) -> Any:
+        return self.op.from_host(values.astype(self.op.dtype))
+
+    def run(self) -> Any:
+        for _ in range(self.owner.maxiter):
+            live = self.reasons == ""
+            if not live.any():
+                break
+            self._step(live)
+        self.reasons[self.reasons == ""] = "maxiter"
+        return self.X
+
+    def _step(self, live: np.ndarray) -> None:
+        xp, s = self.xp, self.s
+        beta, self.U = self._normalize(self.A(self.V) - self._device(self.alpha) * self.U)
+        alpha, self.V = self._normalize(self.At(self.U) - self._device(beta) * self.V)
+        self.alpha = alpha
+        hbar_coef, x_coef, h_coef = s.advance(alpha, beta)
+        mask = self.op.from_host(live)
+        self.Hbar = self.H - self._device(hbar_coef) * self.Hbar
+        step = self._device(x_coef) * self.Hbar
+        self.X = xp.where(mask, self.X + step, self.X)
+        self.H = self.V - self._device(h_coef) * self.H
+        self.iterations[live] += 1
+        norm_x = self.op.to_host(xp.linalg.vector_norm(self.X, axis=0)).astype(np.float64)
+        stop = s.stop_reasons(norm_x, self.owner.atol, self.owner.btol, self.owner.conlim)
+        self.reasons[live] = stop[live]
+
+    def info(self) -> LSMRInfo:
+        reasons = self.reasons.astype(str)
+        return LSMRInfo(
+            iterations=self.iterations,
+            residual_norms=self.s.norm_r,
+            normal_residual_norms=self.s.norm_ar,
+            stop_reasons=reasons,
+            converged=np.isin(reasons, _CONVERGED),
+        )
+
+
+class _LSMRScalars:
+    """The scalar recurrences of LSMR for ``K`` columns, as float64 ``(K,)`` arrays."""
+
+    def __init__(self, alpha: np.ndarray, beta: np.ndarray, damp: float) -> None:
+        ones, zeros = np.ones_like(alpha), np.zeros_like(alpha)
+        self.damp = damp
+        self.alphabar, self.zetabar = alpha, alpha * beta
+        self.rho, self.rhobar, self.cbar, self.sbar = ones, ones, ones, zeros
+        # for the estimate of ||r||
+        self.betadd, self.betad, self.rhodold = beta, zeros, ones
+        self.tautildeold, self.thetatilde, self.zeta, self.d = zeros, zeros, zeros, zeros
+        # for the estimates of ||A|| and cond(A)
+        self.norm_a2 = alpha**2
+        self.max_rbar, self.min_rbar = zeros, np.full_like(alpha, np.inf)
+        self.norm_b, self.norm_r, self.norm_ar = beta, beta, alpha * beta
+        self.norm_a, self.cond_a = np.sqrt(self.norm_a2), ones
+        self.first = True
+
+    def advance(self, alpha: np.ndarray, beta: np.ndarray) -> tuple[Any, Any, Any]:
+        """One iteration; returns the coefficients of the vector updates."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return self._advance(alpha, beta)
+
+    def _advance(self, alpha: np.ndarray, beta: np.ndarray) -> tuple[Any, Any, Any]:
+        # rotation that absorbs the damping, then the rotations Q_k and Qbar_k
+        chat, shat, alphahat = _rotation(self.alphabar, np.full_like(alpha, self.damp))
+        rho_old = self.rho
+        c, s, self.rho = _rotation(alphahat, beta)
+        theta_new = s * alpha
+        self.alphabar = c * alpha
+        rhobar_old, zeta_old = self.rhobar, self.zeta
+        thetabar = self.sbar * self.rho
+        rho_temp = self.cbar * self.rho
+        self.cbar, self.sbar, self.rhobar = _rotation(self.cbar * self.rho, theta_new)
+        self.zeta = self.cbar * self.zetabar
+        self.zetabar = -self.sbar * self.zetabar
+        coefficients = (
+            _safe_divide(thetabar * self.rho, rho_old * rhobar_old),
+            _safe_divide(self.zeta, self.rho * self.rhobar),
+            _safe_divide(theta_new, self.rho),
+        )
+        self._estimate_norm_r(chat, shat, c, s, thetabar, zeta_old)
+        self._estimate_norm_a(alpha, beta, rhobar_old, rho_temp)
+        self.norm_ar = np.abs(self.zetabar)
+        return coefficients
+
+    def _estimate_norm_r(self, chat, shat, c, s, thetabar, zeta_old) -> None:
+        betaacute = chat * self.betadd
+        betacheck = -shat * self.betadd
+        betahat = c * betaacute
+        self.betadd = -s * betaacute
+        thetatilde_old = self.thetatilde
+        ctilde, stilde, rhotilde = _rotation(self.rhodold, thetabar)
+        self.thetatilde = stilde * self.rhobar
+        self.rhodold = ctilde * self.rhobar
+        self.betad = -stilde * self.betad + ctilde * betahat
+        self.tautildeold = _safe_divide(zeta_old - thetatilde_old * self.tautildeold, rhotilde)
+        taud = _safe_divide(self.zeta - self.thetatilde * self.tautildeold, self.rhodold)
+        self.d = self.d + betacheck**2
+        self.norm_r = np.sqrt(self.d + (self.betad - taud) ** 2 + self.betadd**2)
+
+    def _estimate_norm_a(self, alpha, beta, rhobar_old, rho_temp) -> None:
+        self.norm_a2 = self.norm_a2 + beta**2
+        self.norm_a = np.sqrt(self.norm_a2)
+        self.norm_a2 = self.norm_a2 + alpha**2
+        self.max_rbar = np.maximum(self.max_rbar, rhobar_old)
+        if not self.first:
+            self.min_rbar = np.minimum(self.min_rbar, rhobar_old)
+        self.first = False
+        self.cond_a = np.maximum(self.max_rbar, rho_temp) / np.minimum(self.min_rbar, rho_temp)
+
+    def stop_reasons(self, norm_x: np.ndarray, atol: float, btol: float, conlim: float) -> Any:
+        """Per column: the reason to stop now, or ``""``."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            relative_r = self.norm_r / self.norm_b
+            normal = self.norm_ar / (self.norm_a * self.norm_r)
+            inverse_cond = 1.0 / self.cond_a
+            ratio = self.norm_a * norm_x / self.norm_b
+            compatible = (relative_r <= btol + atol * ratio) | (
+                1.0 + relative_r / (1.0 + ratio) <= 1.0
+            )
+            least_squares = (normal <= atol) | (1.0 + normal <= 1.0) | (self.norm_ar == 0)
+            ill = (inverse_cond <= (1.0 / conlim if conlim > 0 else 0.0)) | (
+                1.0 + inverse_cond <= 1.0
+            )
+        reasons = np.full(norm_x.shape, "", dtype=object)
+        reasons[ill] = "conlim"
+        reasons[least_squares] = "least squares"
+        reasons[compatible] = "atol/btol"
+        return reasons
+
+
+def _rotation(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Plane rotation ``(c, s, r)`` with ``[c s; -s c] (a, b) = (r, 0)`` (``a, b >= 0``)."""
+    r = np.hypot(a, b)
+    positive = r > 0
+    c = np.where(positive, a / np.where(positive, r, 1.0), 1.0)
+    s = np.where(positive, b / np.where(positive, r, 1.0), 0.0)
+    return c, s, r
+
+
+def _safe_divide(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """``a / b``, and 0 where ``b`` is 0 (columns that stopped)."""
+    nonzero = b != 0
+    return np.where(nonzero, a / np.where(nonzero, b, 1.0), 0.0)
+
+
+# --- keywords of curvlinops-for-pytorch 3.0.1 ---------------------------------------------
+_CG_OPTIONS_3_0_1 = {
+    "eps": "our CG guards its divisions itself; drop it",
+    "stop_updating_after": "each column stops at tol (tolerance) here; pass that instead",
+    "initial_guess": "CG starts from zero; solve for the correction b - A x0 instead",
+    "n_tridiag": "no tridiagonal matrices are returned; use curvlinops.lanczos",
+    "max_tridiag_iter": "no tridiagonal matrices are returned; use curvlinops.lanczos",
+}
+_LSMR_OPTIONS_SCIPY = {
+    "x0": "LSMR starts from zero; solve for the correction b - A x0 instead",
+    "show": "the iterations are reported in .info after each product",
+}
+
+
+def _refuse_options(options: dict, owner: str, known: dict) -> None:
+    """A TypeError for keywords the operator does not take, with what to do instead."""
+    if not options:
+        return
+    name = sorted(options)[0]
+    fix = known.get(name, "see the operator's docstring for its keywords")
+    raise type_error(f"{owner}({name}=...)", "a supported keyword", options[name], fix + ".")
+
+
+def _one_of(ours: Any, our_name: str, theirs: Any, their_name: str) -> Any:
+    """The value of an option that has two names (ours and 3.0.1's); refuse both at once."""
+    if ours is not None and theirs is not None:
+        raise value_error(
+            their_name,
+            f"None when {our_name} is given (they are the same option)",
+            repr(theirs),
+            f"Pass only {our_name}.",
+        )
+    return theirs if ours is None else ours

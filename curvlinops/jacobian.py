@@ -54,26 +54,25 @@ class JacobianLinearOperator(CurvatureOperator):
     def _shape(self) -> tuple[int, int]:
         return (sum(self._output_sizes), self.num_params)
 
-    def _accumulate(self, V: Any, adjoint: bool) -> Any:
-        b, primals = self.backend, self.backend.primals
-        if not adjoint:
-            blocks = [
-                self._compiled_matmat(primals, X, y, V, 1.0)
-                for _, X, y, _ in self._batches("JacobianLinearOperator product")
-            ]
-            if len(blocks) == 1:  # a concatenation would copy (and, in JAX, dispatch)
-                return blocks[0]
-            # A process with an empty data shard has no rows.
-            return b.concat(blocks, axis=0) if blocks else b.zeros((0, *V.shape[1:]))
-        result, start, whole = None, 0, len(self._output_sizes) == 1
-        for (_, X, y, _), rows in zip(
-            self._batches("TransposedJacobianLinearOperator product"), self._output_sizes
-        ):
-            U = V if whole else V[start : start + rows]
-            term = self._compiled_rmatmat(primals, X, y, U, 1.0)
-            result = term if result is None else result + term
-            start += rows
-        return result
+    def _batch_extras(self, index: int, X: Any, n: int) -> tuple:
+        return (1.0,)  # no normalisation
+
+    def _batch_operand(self, V: Any, index: int, adjoint: bool) -> Any:
+        """``Jᵀ``: the rows of ``U`` that belong to batch ``index``."""
+        if not adjoint or len(self._output_sizes) == 1:
+            return V
+        start = sum(self._output_sizes[:index])
+        return V[start : start + self._output_sizes[index]]
+
+    def _combine(self, terms: Any, V: Any, adjoint: bool) -> Any:
+        if adjoint:
+            return super()._combine(terms, V, adjoint)
+        blocks = [block for _, block in terms]
+        if len(blocks) == 1:  # a concatenation would copy (and, in JAX, dispatch)
+            return blocks[0]
+        b = self.backend
+        # A process with an empty data shard has no rows.
+        return b.concat(blocks, axis=0) if blocks else b.zeros((0, *V.shape[1:]))
 
     def _batch_matmat(self, primals: Any, X: Any, y: Any, V: Any, weight: Any) -> Any:
         b, model = self.backend, self.backend.model_fn
@@ -90,6 +89,28 @@ class JacobianLinearOperator(CurvatureOperator):
 
         def column(u: Any) -> Any:
             return b.flatten(pullback(b.xp.reshape(u, z.shape)))
+
+        return map_columns(b, column, U)
+
+    # --- kept linearization: the model's graph and its transpose (JAX: jax.vjp) --
+    def _batch_linearize(self, primals: Any, X: Any, y: Any, weight: Any) -> Any:
+        b, model = self.backend, self.backend.model_fn
+        return b.linearize(lambda p: model(p, X), primals, transpose=True)
+
+    def _linearized_matmat(self, lin: Any, V: Any) -> Any:
+        b = self.backend
+
+        def column(v: Any) -> Any:
+            return b.xp.reshape(b.linear_jvp(lin, b.unflatten(v)), (-1,))
+
+        return map_columns(b, column, V)
+
+    def _linearized_rmatmat(self, lin: Any, U: Any) -> Any:
+        b = self.backend
+        shape = b.linear_output(lin).shape
+
+        def column(u: Any) -> Any:
+            return b.flatten(b.linear_vjp(lin, b.xp.reshape(u, shape)))
 
         return map_columns(b, column, U)
 
@@ -124,3 +145,11 @@ class TransposedJacobianLinearOperator(LinearOperator):
 
     def _adjoint(self) -> LinearOperator:
         return self.jacobian
+
+    def cache_info(self) -> dict:
+        """What the Jacobian behind it keeps (see :meth:`JacobianLinearOperator.cache_info`)."""
+        return self.jacobian.cache_info()
+
+    def clear_cache(self) -> None:
+        """Forget the kept linearizations."""
+        self.jacobian.clear_cache()

@@ -5,11 +5,13 @@ of an input covariance and a covariance of the gradients at the layer's
 output (Martens & Grosse 2015; convolutions: Grosse & Martens 2016; layers
 with weight sharing, ``expand`` and ``reduce``: Eschenhagen et al. 2023).
 
-The mathematics is written once here, against the backend's array namespace
-``backend.xp``: accumulating the factors from captured layer inputs and
-output gradients, their normalisation, the products, the damped inverses and
-the closed forms. Only the capture of layer inputs and output gradients is
-framework code: forward hooks on ``torch.nn.Linear``/``Conv2d`` modules
+The mathematics is written once, against the backend's array namespace
+``backend.xp``: the per-batch factors, EKFAC's eigenvalue correction and the
+products are pure functions of a configuration without arrays
+(:class:`curvlinops._kfac_program.KFACProgram`), which JAX compiles once per
+configuration; the accumulation over batches, normalisation, damped
+inverses and closed forms are here. Only the capture of layer inputs and
+output gradients is framework code: forward hooks on ``torch.nn.Linear``/``Conv2d`` modules
 (:mod:`curvlinops.backends._kfac_torch`), and for JAX the dense and
 convolution layers of a plain function, found by tracing it to a jaxpr
 (:mod:`curvlinops.backends._kfac_jax`). Names and numbers follow
@@ -30,8 +32,10 @@ from typing import Any
 import numpy as np
 
 from curvlinops._base import LinearOperator
-from curvlinops._checks import type_error, value_error
-from curvlinops._curvature import CurvatureOperator, _check_positive_int, _close
+from curvlinops._checks import check_positive_int, type_error, value_error
+from curvlinops._curvature import CurvatureOperator
+from curvlinops._kfac_program import FisherType, KFACProgram, KFACType
+from curvlinops._tracing import compiled_method
 from curvlinops.fisher import DEFAULT_SEED, batch_seed, check_mc_samples, check_seed
 from curvlinops.losses import CallableLoss
 
@@ -42,32 +46,6 @@ __all__ = [
     "KFACLinearOperator",
     "KFACType",
 ]
-
-
-class FisherType(str, Enum):
-    """Which output-gradient covariance KFAC uses (the strings are accepted too).
-
-    ``TYPE2``: the exact output Hessian, from the columns of its square root;
-    ``MC``: gradients at targets sampled from the model's distribution;
-    ``EMPIRICAL``: gradients at the data's targets; ``FORWARD_ONLY``: identity
-    gradient covariances (FOOF, Benzing 2022; ISAAC, Petersen et al. 2023).
-    """
-
-    TYPE2 = "type-2"
-    MC = "mc"
-    EMPIRICAL = "empirical"
-    FORWARD_ONLY = "forward-only"
-
-
-class KFACType(str, Enum):
-    """KFAC for layers with weight sharing (Eschenhagen et al. 2023).
-
-    ``EXPAND`` treats each shared position as an example of its own;
-    ``REDUCE`` averages inputs and sums output gradients over the positions.
-    """
-
-    EXPAND = "expand"
-    REDUCE = "reduce"
 
 
 def check_enum(value: Any, enum: type[Enum], argument: str) -> Any:
@@ -138,6 +116,13 @@ class KFACLinearOperator(CurvatureOperator):
             default read off the outputs. It enters the ``"mean"`` normalisation
             as in curvlinops-for-pytorch.
         separate_weight_and_bias: Whether weight and bias get separate blocks.
+        layers: JAX only: layers to name where tracing cannot tell, as ``{name:
+            {"weight": leaf, "bias": leaf}}`` with the leaves' names from
+            ``repr(op)`` / the parameter paths (e.g. ``"['W1']"``). The weight
+            must be an operand of a ``dot_general``/``conv_general_dilated``;
+            the bias (optional) is taken as added to that layer's output (its
+            gradient the output gradient summed over shared positions), which
+            the caller vouches for. Other layers are still found by tracing.
 
     Example:
         >>> import numpy as np, torch
@@ -168,6 +153,7 @@ class KFACLinearOperator(CurvatureOperator):
         kfac_approx: str = KFACType.EXPAND,
         num_per_example_loss_terms: int | None = None,
         separate_weight_and_bias: bool = True,
+        layers: dict[str, dict[str, str]] | None = None,
         num_data: int | None = None,
         batch_size_fn: Callable[[Any], int] | None = None,
         backend: str | None = None,
@@ -189,7 +175,7 @@ class KFACLinearOperator(CurvatureOperator):
         self._num_per_example_loss_terms = (
             None
             if num_per_example_loss_terms is None
-            else _check_positive_int(num_per_example_loss_terms, "num_per_example_loss_terms")
+            else check_positive_int(num_per_example_loss_terms, "num_per_example_loss_terms")
         )
         self._input_covariances: dict[str, Any] = {}
         self._gradient_covariances: dict[str, Any] = {}
@@ -206,8 +192,9 @@ class KFACLinearOperator(CurvatureOperator):
             process_group=process_group,
             sharding=sharding,
         )
-        self._capture = _capture(self, model_func)
+        self._capture = _capture(self, model_func, layers)
         self._mapping: dict[str, dict[str, int]] = self._capture.mapping
+        self._program = KFACProgram(self)
         self._check_loss()
         if check_deterministic:
             self._check_deterministic()
@@ -234,7 +221,7 @@ class KFACLinearOperator(CurvatureOperator):
         second = (self._input_covariances, self._gradient_covariances)
         for before, after in zip(first, second):
             for name, factor in before.items():
-                if not _close(self.backend, factor, after[name]):
+                if not _agree(self.backend, factor, after[name]):
                     raise RuntimeError(
                         f"{type(self).__name__}: two computations of the Kronecker factors "
                         f"of layer {name!r} differ. Is the model or the data random? Pass "
@@ -252,7 +239,24 @@ class KFACLinearOperator(CurvatureOperator):
 
     def _is_joint(self, name: str) -> bool:
         """Whether layer ``name``'s weight and bias share one Kronecker block."""
-        return not self._separate_weight_and_bias and len(self._mapping[name]) == 2
+        return self._program.is_joint(name)
+
+    def _run(self, name: str) -> Callable:
+        """Method ``name`` of the operator's :class:`KFACProgram`, compiled by JAX.
+
+        The program holds no arrays, so operators of equal configuration share
+        the compilation (``compiled_method``).
+        """
+        programs = self.__dict__.setdefault("_programs", {})
+        if name not in programs:
+            data_args = (1, 2) if name.startswith("batch_") else ()
+            programs[name] = compiled_method(self._program, name, data_args=data_args)
+        return programs[name]
+
+    def _set_program(self) -> None:
+        """A new program after the options changed (``load_state_dict``)."""
+        self._program = KFACProgram(self)
+        self.__dict__.pop("_programs", None)
 
     # --- the Kronecker factors ----------------------------------------------------
     def compute_kronecker_factors(self) -> None:
@@ -305,41 +309,20 @@ class KFACLinearOperator(CurvatureOperator):
             )
 
     def _output_size(self, name: str) -> int:
-        parts = self._mapping[name]
-        if "bias" in parts:
-            return self.backend.param_shapes[parts["bias"]][0]
-        out_axis = _weight_layout(self, name)[0]
-        return self.backend.param_shapes[parts["weight"]][out_axis]
+        return self._program.output_size(name)
 
     def _accumulate_batch(
         self, index: int, X: Any, y: Any, n: int, inputs: dict, gradients: dict
     ) -> None:
         b = self.backend
         self._capture.prepare(X)  # JAX: trace the model outside the compiled function
-        batch_factors = self._compiled("_batch_factors")
-        batch_inputs, batch_gradients = batch_factors(
+        batch_inputs, batch_gradients = self._run("batch_factors")(
             b.primals, X, y, self._noise(index, X), self._weight(n)
         )
         for name, value in batch_inputs.items():
             _add_to(inputs, name, value)
         for name, value in batch_gradients.items():
             _add_to(gradients, name, value)
-
-    def _batch_factors(
-        self, primals: Any, X: Any, y: Any, noise: Any, weight: Any
-    ) -> tuple[dict[str, Any], dict[str, Any]]:
-        """One batch's parts of ``A`` and ``G``, per layer (compiled by JAX)."""
-        with_gradients = self._fisher_type != FisherType.FORWARD_ONLY
-        forward = self._capture.forward(self.backend.model_fn, primals, X, with_gradients)
-        z, layer_inputs, pullback = forward
-        inputs = {name: self._input_covariance(name, a) for name, a in layer_inputs.items()}
-        if pullback is None:
-            return inputs, {}
-        columns, scale = self._output_cotangents(z, y, noise, weight)
-        gradients = {
-            name: scale * self._gradient_covariance(g) for name, g in pullback(columns).items()
-        }
-        return inputs, gradients
 
     def _noise(self, index: int, X: Any) -> Any:
         """The random numbers of batch ``index``'s ``mc`` draws (those of FisherMC), else None."""
@@ -352,50 +335,6 @@ class KFACLinearOperator(CurvatureOperator):
         seed = batch_seed(self._seed, index)
         return self._loss.sample_noise(self.backend, shapes[index], self._mc_samples, seed)
 
-    def _input_covariance(self, name: str, a: Any) -> Any:
-        """One batch's part of ``A`` from inputs ``(n, S, d_in)``."""
-        xp = self.backend.xp
-        n, S, d_in = a.shape
-        if self._kfac_approx == KFACType.EXPAND:
-            a, divisor = xp.reshape(a, (n * S, d_in)), self.num_data * S
-        else:
-            a, divisor = xp.mean(a, axis=1), self.num_data
-        if self._is_joint(name):
-            ones = xp.ones_like(a[:, :1])
-            a = xp.concat([a, ones], axis=1)
-        return (a.T @ a) / divisor
-
-    def _gradient_covariance(self, g: Any) -> Any:
-        """One batch's ``Σ g gᵀ`` from output gradients ``(k, n, S, d_out)``."""
-        xp = self.backend.xp
-        k, n, S, d_out = g.shape
-        if self._kfac_approx == KFACType.EXPAND:
-            g = xp.reshape(g, (k * n * S, d_out))
-        else:
-            g = xp.reshape(xp.sum(g, axis=2), (k * n, d_out))
-        return g.T @ g
-
-    def _output_cotangents(self, z: Any, y: Any, noise: Any, weight: Any) -> tuple[Any, Any]:
-        """Columns ``(k, *z.shape)`` to backpropagate, and the factor of their covariance."""
-        b, loss = self.backend, self._loss
-        scale = weight * loss.normalization(z) * self._terms_correction(z)
-        if self._fisher_type == FisherType.TYPE2:
-            return _hessian_sqrt_term_columns(b, loss, z), scale
-        if self._fisher_type == FisherType.MC:
-            return loss.sampled_gradient(b, z, noise), scale / self._mc_samples
-        return loss.output_gradient(b, z, y)[None], scale
-
-    def _terms_correction(self, z: Any) -> float:
-        """A user's ``num_per_example_loss_terms`` in the ``"mean"`` normalisation.
-
-        curvlinops-for-pytorch normalises by the number it is given; with the
-        number read off the outputs this factor is 1.
-        """
-        given = self._num_per_example_loss_terms
-        if given is None or self._loss.reduction != "mean":
-            return 1.0
-        return given / self._loss.terms_per_example(tuple(z.shape))
-
     def _factors_ready(self) -> None:
         if not (self._input_covariances or self._gradient_covariances):
             self.compute_kronecker_factors()
@@ -403,12 +342,8 @@ class KFACLinearOperator(CurvatureOperator):
     # --- products ---------------------------------------------------------------
     def _native(self, X: Any, adjoint: bool) -> Any:
         self._factors_ready()
-
-        def multiply(name: str, part: str, M: Any) -> Any:
-            A = self._input_covariances.get(name) if part != "bias" else None
-            return _sandwich(self.backend.xp, self._gradient_covariances[name], M, A)
-
-        return _blockwise(self, X, multiply)
+        product = self._run("kfac_product")
+        return product(self._input_covariances, self._gradient_covariances, X)
 
     # --- checkpoints ------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -426,7 +361,7 @@ class KFACLinearOperator(CurvatureOperator):
                 "A callable cannot be saved; rebuild the operator with it instead.",
             )
         state = {
-            "model_func_state_dict": self._capture.model_state(),
+            "model_func_state_dict": self._capture.model_state(self.backend),
             "loss_type": type(loss).__name__,
             "loss_reduction": loss.reduction,
             "progressbar": self._progressbar,
@@ -460,7 +395,7 @@ class KFACLinearOperator(CurvatureOperator):
                 f"the number of data points of this operator's data ({self.num_data})",
                 str(state_dict["num_data"]),
             )
-        self._capture.load_model_state(state_dict["model_func_state_dict"])
+        self._capture.load_model_state(state_dict["model_func_state_dict"], self.backend)
         self._progressbar = bool(state_dict["progressbar"])
         self._seed = check_seed(state_dict["seed"])
         self._fisher_type = check_enum(state_dict["fisher_type"], FisherType, "fisher_type")
@@ -472,6 +407,7 @@ class KFACLinearOperator(CurvatureOperator):
             self._check_layer_keys(state_dict[key], f"state_dict[{key!r}]")
         self._input_covariances = dict(state_dict["input_covariances"])
         self._gradient_covariances = dict(state_dict["gradient_covariances"])
+        self._set_program()
 
     @classmethod
     def from_state_dict(
@@ -670,25 +606,14 @@ class KFACInverseLinearOperator(LinearOperator):
     def _native(self, X: Any, adjoint: bool) -> Any:
         A = self._A
         A._factors_ready()
-        xp = self.backend.xp
         if isinstance(A, EKFACLinearOperator):
-
-            def damped_inverse(name: str, part: str, M: Any) -> Any:
-                Q_G, Q_A, values = A._eigenbasis(name, part)
-                return _scale_in_eigenbasis(xp, Q_G, Q_A, M, 1.0 / (values + self._damping))
-
-            return _blockwise(A, X, damped_inverse)
+            return A._eigenbasis_product(self._damping, X)
         factors = {name: self._inverse_factors(name) for name in A._mapping}
-
-        def multiply(name: str, part: str, M: Any) -> Any:
-            inv_A, inv_G = factors[name]
-            if self._use_exact_damping:
-                return _exact_damped_solve(
-                    xp, inv_G, None if part == "bias" else inv_A, M, self._damping
-                )
-            return _sandwich(xp, inv_G, M, None if part == "bias" else inv_A)
-
-        return _blockwise(A, X, multiply)
+        inv_A = {name: pair[0] for name, pair in factors.items() if pair[0] is not None}
+        inv_G = {name: pair[1] for name, pair in factors.items()}
+        if self._use_exact_damping:
+            return A._run("exact_damped_solve")(inv_A, inv_G, self._damping, X)
+        return A._run("kfac_product")(inv_A, inv_G, X)
 
     def _inverse_factors(self, name: str) -> tuple[Any, Any]:
         """Inverted damped factors (or eigendecompositions, for exact damping), maybe cached."""
@@ -828,25 +753,22 @@ class EKFACLinearOperator(KFACLinearOperator):
     def compute_eigenvalue_correction(self) -> None:
         """Eigenvectors of the factors, then the corrected eigenvalues from the data."""
         super()._factors_ready()
-        eigh = self.backend.xp.linalg.eigh
-        self._input_covariances_eigenvectors = {
-            name: eigh(A)[1] for name, A in self._input_covariances.items()
-        }
-        self._gradient_covariances_eigenvectors = {
-            name: eigh(G)[1] for name, G in self._gradient_covariances.items()
-        }
-        corrections: dict[str, Any] = {}
+        eigenvectors = self._run("eigenvectors")
+        self._input_covariances_eigenvectors = eigenvectors(self._input_covariances)
+        self._gradient_covariances_eigenvectors = eigenvectors(self._gradient_covariances)
+        Q_A, Q_G = self._input_covariances_eigenvectors, self._gradient_covariances_eigenvectors
+        keys = self._program.correction_keys()
+        totals: list[Any] | None = None
         b = self.backend
         for index, X, y, n in self._batches("EKFAC eigenvalue correction"):
             if n == 0:  # an empty batch adds nothing
                 continue
-            z, layer_inputs, pullback = self._capture.forward(b.model_fn, b.primals, X, True)
-            _check_two_dimensional(z)
-            noise = self._noise(index, X)
-            columns, scale = self._output_cotangents(z, y, noise, self._weight(n))
-            for name, g in pullback(columns).items():
-                for key, value in self._layer_correction(name, layer_inputs.get(name), g).items():
-                    _add_to(corrections, (name, key), scale * value)
+            self._capture.prepare(X)
+            batch = self._run("batch_correction")(
+                b.primals, X, y, self._noise(index, X), self._weight(n), Q_A, Q_G
+            )
+            totals = batch if totals is None else [t + c for t, c in zip(totals, batch)]
+        corrections = {} if totals is None else dict(zip(keys, totals))
         if self._comm.world_size > 1:
             corrections = self._sum_corrections_over_processes(corrections)
         self._corrected_eigenvalues = _nest_corrections(corrections, self._mapping, self._is_joint)
@@ -865,55 +787,26 @@ class EKFACLinearOperator(KFACLinearOperator):
                 summed[(name, key)] = self._comm.all_reduce_sum(local)
         return summed
 
-    def _layer_correction(self, name: str, a: Any, g: Any) -> dict[Any, Any]:
-        """Per block of layer ``name``: Σ over examples and columns of rotated gradients squared."""
-        xp = self.backend.xp
-        g_rotated = g @ self._gradient_covariances_eigenvectors[name]  # (k, n, S, d_out)
-        parts = self._mapping[name]
-        if self._is_joint(name):
-            ones = xp.ones_like(a[..., :1])
-            a = xp.concat([a, ones], axis=-1)
-            return {
-                "joint": _rotated_square_sum(
-                    xp, g_rotated, a, self._input_covariances_eigenvectors[name]
-                )
-            }
-        result = {}
-        for part, position in parts.items():
-            if part == "bias":
-                summed = xp.sum(g_rotated, axis=2)  # (k, n, d_out)
-                result[position] = xp.sum(summed * summed, axis=(0, 1))
-            else:
-                result[position] = _rotated_square_sum(
-                    xp, g_rotated, a, self._input_covariances_eigenvectors[name]
-                )
-        return result
-
     def _factors_ready(self) -> None:
         super()._factors_ready()
         if not self._corrected_eigenvalues:
             self.compute_eigenvalue_correction()
 
-    def _eigenbasis(self, name: str, part: str) -> tuple[Any, Any, Any]:
-        """``(Q_G, Q_A, Λ)`` of one block, ``Q_A`` ``None`` and ``Λ`` ``(d_out, 1)`` for a bias."""
-        Q_G = self._gradient_covariances_eigenvectors[name]
-        values = self._corrected_eigenvalues[name]
-        if part == "joint":
-            return Q_G, self._input_covariances_eigenvectors[name], values
-        values = values[self._mapping[name][part]]
-        if part == "bias":
-            return Q_G, None, values[:, None]
-        return Q_G, self._input_covariances_eigenvectors[name], values
-
     def _native(self, X: Any, adjoint: bool) -> Any:
         self._factors_ready()
-        xp = self.backend.xp
+        return self._eigenbasis_product(None, X)
 
-        def multiply(name: str, part: str, M: Any) -> Any:
-            Q_G, Q_A, values = self._eigenbasis(name, part)
-            return _scale_in_eigenbasis(xp, Q_G, Q_A, M, values)
-
-        return _blockwise(self, X, multiply)
+    def _eigenbasis_product(self, damping: float | None, X: Any) -> Any:
+        """``E X``, or ``(E + λ I)⁻¹ X`` for a ``damping`` λ."""
+        self._factors_ready()
+        product = self._run("ekfac_product")
+        return product(
+            self._input_covariances_eigenvectors,
+            self._gradient_covariances_eigenvectors,
+            self._corrected_eigenvalues,
+            damping,
+            X,
+        )
 
     def _all_eigenvalues(self) -> list[Any]:
         self._factors_ready()
@@ -947,13 +840,6 @@ class EKFACLinearOperator(KFACLinearOperator):
         return xp.sqrt(sum(xp.sum(values * values) for values in self._all_eigenvalues()))
 
 
-def _rotated_square_sum(xp: Any, g_rotated: Any, a: Any, Q_A: Any) -> Any:
-    """``Σ_{k,n} (Σ_s g̃_{kns} ãₙₛᵀ)²`` for ``g̃`` ``(k, n, S, d_out)`` and ``a`` ``(n, S, d_in)``."""
-    a_rotated = a @ Q_A
-    per_example = xp.matrix_transpose(g_rotated) @ a_rotated[None]  # (k, n, d_out, d_in)
-    return xp.sum(per_example * per_example, axis=(0, 1))
-
-
 def _nest_corrections(corrections: dict, mapping: dict, is_joint: Callable) -> dict[str, Any]:
     """``{layer: Λ}`` for joint blocks, ``{layer: {position: Λ}}`` otherwise (as in 3.0.1)."""
     nested: dict[str, Any] = {}
@@ -963,91 +849,6 @@ def _nest_corrections(corrections: dict, mapping: dict, is_joint: Callable) -> d
         else:
             nested[name] = {position: corrections[(name, position)] for position in parts.values()}
     return nested
-
-
-def _check_two_dimensional(z: Any) -> None:
-    if z.ndim != 2:
-        raise value_error(
-            "model_func",
-            "outputs of shape (N, C) for EKFAC (as in curvlinops-for-pytorch)",
-            f"outputs of shape {tuple(z.shape)}",
-            "Use KFACLinearOperator for models with sequence or image outputs.",
-        )
-
-
-# --- block structure, shared by KFAC and its inverse ------------------------------
-def _blockwise(op: KFACLinearOperator, X: Any, multiply: Callable[[str, str, Any], Any]) -> Any:
-    """Apply ``multiply(layer, part, M)`` to each block of ``X`` ``(P, K)``, in parameter order.
-
-    ``M`` is ``(d_out, d_in, K)`` for a weight (``d_in`` + 1 for a joint
-    weight and bias, ``part = "joint"``), ``(d_out, 1, K)`` for a bias.
-    """
-    b, xp = op.backend, op.backend.xp
-    shapes = b.param_shapes
-    sizes = [math.prod(shape) for shape in shapes]
-    offsets = np.cumsum([0, *sizes])
-    K = X.shape[1]
-
-    def block(position: int, layout: tuple[int, ...]) -> Any:
-        """Rows of one parameter as ``(d_out, d_in, K)``, its axes put in ``layout`` order."""
-        rows = X[int(offsets[position]) : int(offsets[position + 1])]
-        shaped = xp.permute_dims(xp.reshape(rows, (*shapes[position], K)), (*layout, len(layout)))
-        return xp.reshape(shaped, (shaped.shape[0], -1, K))
-
-    def unblock(R: Any, position: int, layout: tuple[int, ...]) -> Any:
-        """The inverse of ``block``: ``(size, K)`` rows in the parameter's own layout."""
-        permuted = xp.reshape(R, (*(shapes[position][axis] for axis in layout), K))
-        inverse = tuple(layout.index(axis) for axis in range(len(layout)))
-        return xp.reshape(xp.permute_dims(permuted, (*inverse, len(layout))), (sizes[position], K))
-
-    results: list[Any] = [None] * len(shapes)
-    for name, parts in op._mapping.items():
-        layouts = {part: _weight_layout(op, name) if part == "weight" else (0,) for part in parts}
-        if op._is_joint(name):
-            w, bias = parts["weight"], parts["bias"]
-            M = xp.concat([block(w, layouts["weight"]), block(bias, (0,))], axis=1)
-            R = multiply(name, "joint", M)
-            d_in = M.shape[1] - 1
-            results[w] = unblock(R[:, :d_in], w, layouts["weight"])
-            results[bias] = unblock(R[:, d_in:], bias, (0,))
-            continue
-        for part, position in parts.items():
-            R = multiply(name, part, block(position, layouts[part]))
-            results[position] = unblock(R, position, layouts[part])
-    return xp.concat(results, axis=0)
-
-
-def _weight_layout(op: KFACLinearOperator, name: str) -> tuple[int, ...]:
-    """The permutation of layer ``name``'s weight axes into ``(out, in, ...)`` order."""
-    layouts = getattr(op._capture, "weight_layouts", None)
-    if layouts is not None:
-        return layouts[name]
-    ndim = len(op.backend.param_shapes[op._mapping[name]["weight"]])
-    return tuple(range(ndim))
-
-
-def _sandwich(xp: Any, G: Any, M: Any, A: Any) -> Any:
-    """``G M A`` for each column of ``M`` ``(d_out, d_in, K)`` (``A`` ``None``: identity)."""
-    columns_first = xp.permute_dims(M, (2, 0, 1))
-    product = G @ columns_first if A is None else G @ columns_first @ A
-    return xp.permute_dims(product, (1, 2, 0))
-
-
-def _exact_damped_solve(xp: Any, eigen_G: Any, eigen_A: Any, M: Any, damping: float) -> Any:
-    """``(G ⊗ A + λ I)⁻¹ M`` in the factors' eigenbases (``A`` ``None``: the 1x1 identity)."""
-    values_G, vectors_G = eigen_G
-    if eigen_A is None:
-        values_A, vectors_A = xp.ones_like(values_G[:1]), None
-    else:
-        values_A, vectors_A = eigen_A
-    scale = 1.0 / (values_G[:, None] * values_A[None, :] + damping)
-    return _scale_in_eigenbasis(xp, vectors_G, vectors_A, M, scale)
-
-
-def _scale_in_eigenbasis(xp: Any, Q_G: Any, Q_A: Any, M: Any, scale: Any) -> Any:
-    """``(Q_G ⊗ Q_A) diag(s) (Q_G ⊗ Q_A)ᵀ M``; for a bias ``Q_A`` is ``None``, ``s`` ``(d, 1)``."""
-    rotated = _sandwich(xp, Q_G.T, M, Q_A)
-    return _sandwich(xp, Q_G, rotated * scale[:, :, None], None if Q_A is None else Q_A.T)
 
 
 def _cholesky_inverse(b: Any, M: Any, damping: float) -> Any:
@@ -1088,34 +889,29 @@ def _check_damping(damping: Any, single: bool) -> None:
 
 
 # --- helpers ----------------------------------------------------------------------
-def _capture(op: KFACLinearOperator, model_func: Any) -> Any:
+def _capture(op: KFACLinearOperator, model_func: Any, layers: dict | None) -> Any:
     """The framework's capture of layer inputs and output gradients."""
     backend = op.backend
     if backend.name == "jax":
         module = importlib.import_module("curvlinops.backends._kfac_jax")
         first_inputs = next(X for _, X, _, n in op._batches() if n)  # layers are traced on it
-        return module.JaxKFACCapture(backend, first_inputs)
+        return module.JaxKFACCapture(backend, first_inputs, layers)
+    if layers is not None:
+        raise value_error(
+            "layers",
+            "None for PyTorch models (their Linear and Conv2d modules are the layers)",
+            f"{type(layers).__name__} {layers!r}",
+            "Leave layers out; it names the layers of a JAX function.",
+        )
     module = importlib.import_module("curvlinops.backends._kfac_torch")
     return module.TorchKFACCapture(model_func, list(backend.param_names))
 
 
-def _hessian_sqrt_term_columns(b: Any, loss: Any, z: Any) -> Any:
-    """Columns ``(C, *z.shape)``: column ``c`` holds the square root's column ``c`` of every term.
-
-    Backpropagating the columns of all terms together, one per entry of a
-    term, is what curvlinops-for-pytorch does (``C`` passes, not one per
-    output entry); it is exact where positions do not mix.
-    """
-    xp = b.xp
-    axis = loss._term_axis(z.ndim)
-    if axis is None:
-        unit = xp.ones_like(z)[None]  # one column: every entry is a term
-    else:
-        C = z.shape[axis]
-        shape = [1] * z.ndim
-        shape[axis] = C
-        unit = xp.reshape(b.eye(C), (C, *shape))
-    return loss._hessian_sqrt(b, z, unit)
+def _agree(b: Any, first: Any, second: Any) -> bool:
+    """Whether two computations of a factor agree to 1e-5 of its largest entry."""
+    first, second = b.to_numpy(first), b.to_numpy(second)
+    scale = max(float(np.max(np.abs(first), initial=0.0)), np.finfo(first.dtype).tiny)
+    return bool(np.max(np.abs(first - second), initial=0.0) <= 1e-5 * scale)
 
 
 def _add_to(totals: dict, name: str, value: Any) -> None:

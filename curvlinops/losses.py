@@ -82,6 +82,14 @@ class _StandardLoss:
         """Axis, counted from the end, along which one term's entries lie."""
         return -1 if ndim >= 2 else None
 
+    def term_axis(self, ndim: int) -> int | None:
+        """Axis (from the end) of one term's entries, for outputs of ``ndim`` axes (or None)."""
+        return self._term_axis(ndim)
+
+    def hessian_sqrt(self, b: Any, outputs: Any, E: Any) -> Any:
+        """The output Hessian's square root (un-normalised) applied to columns ``E``."""
+        return self._hessian_sqrt(b, outputs, E)
+
     def term_sum(self, b: Any, a: Any, outputs: Any) -> Any:
         """Sum ``a`` (shape ``(..., *outputs.shape)``) over each term's entries, keepdims."""
         axis = self._term_axis(outputs.ndim)

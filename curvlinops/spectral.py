@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from curvlinops._checks import shape_error, type_error, value_error
+from curvlinops._memory import MemoryEstimate
 from curvlinops._operand import (
     Operand,
     as_operand,
@@ -38,7 +39,7 @@ from curvlinops._operand import (
     raise_nonfinite,
 )
 from curvlinops.backends._arrays import is_array, library_of
-from curvlinops.eigen import LanczosResult, _lanczos
+from curvlinops.eigen import LanczosResult, _lanczos, lanczos_memory
 
 __all__ = [
     "SpectralDensity",
@@ -70,6 +71,9 @@ class SpectralDensity:
         floor: For ``"log10"``: eigenvalues at or below it were counted at it.
         mass_below_floor: For ``"log10"``: fraction of the spectrum at or below
             ``floor`` (numerically zero eigenvalues).
+        info: How the quadrature ran: ``reorthogonalize`` (bool), ``probes_per_pass``,
+            ``passes``, and the memory estimate (``estimated_bytes``, ``parts``,
+            ``memory_budget``, ``available``).
     """
 
     grid: np.ndarray
@@ -80,6 +84,7 @@ class SpectralDensity:
     scale: str = "linear"
     floor: float | None = None
     mass_below_floor: float | None = None
+    info: dict | None = None
 
     def __iter__(self) -> Any:
         return iter((self.grid, self.density))
@@ -95,8 +100,9 @@ def spectral_density(
     kernel_width: float | None = None,
     seed: int = 0,
     probes: str = "rademacher",
-    reorthogonalize: bool = True,
+    reorthogonalize: bool | str = "auto",
     probes_per_pass: int | None = None,
+    memory_budget: float | None = None,
 ) -> SpectralDensity:
     r"""Gaussian-smoothed spectral density :math:`\phi_\sigma` of a symmetric operator, by SLQ.
 
@@ -114,14 +120,23 @@ def spectral_density(
         seed: Seed of the probes (results are reproducible).
         probes: ``"rademacher"`` or ``"normal"`` entries (both scaled to unit norm).
         reorthogonalize: Full reorthogonalisation in Lanczos (memory ``n *
-            num_steps`` per probe in a pass). Without it, memory is three vectors
+            num_steps`` per probe in a pass). Without it, memory is a few vectors
             per probe and the quadrature stays accurate (repeated Ritz values share
-            the weight), at the price of wasted steps.
+            the weight), at the price of wasted steps. ``"auto"`` (default): full
+            reorthogonalisation when the basis of one probe fits ``memory_budget``,
+            else none (reported in ``info``).
         probes_per_pass: Probes run together as columns of one ``matmat`` (default:
-            all); lower it to bound memory.
+            as many as fit ``memory_budget``, at most all).
+        memory_budget: Bytes the Lanczos runs may allocate (bases and work vectors,
+            not the operator's products). Default: half of the memory available
+            where the operator's arrays live.
 
     Returns:
         A :class:`SpectralDensity` (unpacks as ``grid, density``), numpy arrays.
+
+    Raises:
+        MemoryBudgetError: Even one probe without reorthogonalisation (or with it,
+            when ``reorthogonalize=True``) needs more than the budget.
 
     Example:
         >>> import numpy as np
@@ -132,10 +147,12 @@ def spectral_density(
         1.0
     """
     op = as_operand(A)
-    nodes, weights = _quadrature(
-        op, num_probes, num_steps, seed, probes, reorthogonalize, probes_per_pass
+    nodes, weights, info = _quadrature(
+        op, num_probes, num_steps, seed, probes, reorthogonalize, probes_per_pass, memory_budget
     )
-    return _smooth(nodes, weights, grid, num_points, kernel_width, scale="linear")
+    result = _smooth(nodes, weights, grid, num_points, kernel_width, scale="linear")
+    result.info = info
+    return result
 
 
 def log_spectral_density(
@@ -149,8 +166,9 @@ def log_spectral_density(
     kernel_width: float | None = None,
     seed: int = 0,
     probes: str = "rademacher",
-    reorthogonalize: bool = True,
+    reorthogonalize: bool | str = "auto",
     probes_per_pass: int | None = None,
+    memory_budget: float | None = None,
 ) -> SpectralDensity:
     r"""Density of :math:`\log_{10}` of the eigenvalues of a positive semi-definite operator.
 
@@ -184,13 +202,13 @@ def log_spectral_density(
         True
     """
     op = as_operand(A)
-    nodes, weights = _quadrature(
-        op, num_probes, num_steps, seed, probes, reorthogonalize, probes_per_pass
+    nodes, weights, info = _quadrature(
+        op, num_probes, num_steps, seed, probes, reorthogonalize, probes_per_pass, memory_budget
     )
     floor = _psd_floor(nodes, weights, floor, op.eps)
     log_nodes = np.log10(np.maximum(nodes, floor))
     result = _smooth(log_nodes, weights, grid, num_points, kernel_width, scale="log10")
-    result.nodes, result.floor = nodes, floor
+    result.nodes, result.floor, result.info = nodes, floor, info
     result.mass_below_floor = float(np.sum(weights * (nodes <= floor)) / weights.shape[0])
     return result
 
@@ -222,17 +240,26 @@ def _quadrature(
     num_steps: int,
     seed: int,
     probes: str,
-    reorthogonalize: bool,
+    reorthogonalize: bool | str,
     probes_per_pass: int | None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Nodes and weights ``(num_probes, s)`` of the Lanczos quadrature, on the host."""
+    memory_budget: Any,
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Nodes and weights ``(num_probes, s)`` of the Lanczos quadrature (host), and the info."""
     num_probes = check_int(num_probes, "num_probes")
     num_steps = min(check_int(num_steps, "num_steps"), op.shape[0])
     seed = check_int(seed, "seed", minimum=0)
     probes = check_choice(probes, "probes", ("rademacher", "normal"))
-    per_pass = (
-        num_probes if probes_per_pass is None else check_int(probes_per_pass, "probes_per_pass")
+    if probes_per_pass is not None:
+        probes_per_pass = check_int(probes_per_pass, "probes_per_pass")
+    reorthogonalize, per_pass, estimate = _plan_passes(
+        op, num_probes, num_steps, reorthogonalize, probes_per_pass, memory_budget
     )
+    info = {
+        "reorthogonalize": reorthogonalize,
+        "probes_per_pass": per_pass,
+        "passes": -(-num_probes // per_pass),
+        **estimate.as_dict(),
+    }
     # one independent seed per probe: results do not depend on probes_per_pass
     seeds = np.random.SeedSequence(seed).generate_state(num_probes).tolist()
     xp, nodes, weights = op.xp, [], []
@@ -250,7 +277,42 @@ def _quadrature(
         theta, S = np.linalg.eigh(T)
         nodes.append(theta)
         weights.append(S[:, 0, :] ** 2)
-    return np.concatenate(nodes), np.concatenate(weights)
+    return np.concatenate(nodes), np.concatenate(weights), info
+
+
+def _plan_passes(
+    op: Operand,
+    num_probes: int,
+    num_steps: int,
+    reorthogonalize: bool | str,
+    per_pass: int | None,
+    memory_budget: Any,
+) -> tuple[bool, int, MemoryEstimate]:
+    """Reorthogonalisation and probes per pass that fit the budget, and their estimate.
+
+    Prefers reorthogonalisation (when ``"auto"``), then as many probes per pass
+    as fit; a given ``probes_per_pass`` or ``reorthogonalize=True`` is kept, and
+    refused if it does not fit.
+    """
+    if isinstance(reorthogonalize, str):
+        check_choice(reorthogonalize, "reorthogonalize", ("auto",))
+        choices = [True, False]
+    elif isinstance(reorthogonalize, bool):
+        choices = [reorthogonalize]
+    else:
+        raise type_error("reorthogonalize", "True, False or 'auto'", reorthogonalize)
+    for keep in choices:
+        sizes = [per_pass] if per_pass is not None else range(num_probes, 0, -1)
+        for size in sizes:
+            estimate = lanczos_memory(op, size, num_steps, keep, memory_budget, "spectral_density")
+            if estimate.fits():
+                return keep, size, estimate
+    estimate.fixes = [
+        "Lower probes_per_pass or num_steps, pass reorthogonalize=False (or 'auto'), or "
+        "raise memory_budget."
+    ]
+    estimate.check()
+    raise AssertionError("unreachable: an estimate that does not fit fails its check")
 
 
 def _smooth(

@@ -20,7 +20,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 PIP=(.venv/bin/python -m pip install --quiet)
 "${PIP[@]}" --upgrade pip
-"${PIP[@]}" "torch==2.13.0" -e ".[torch,jax,test,bench,downstream]"
+# "data": scikit-learn for python -m curvlinops influence (its digits ship with it)
+"${PIP[@]}" "torch==2.13.0" -e ".[torch,jax,test,data,bench,downstream]"
 "${PIP[@]}" --no-deps "laplace-torch==0.3" "backpack-for-pytorch==1.7.1"
 CFP=.venv/curvlinops-for-pytorch
 if [ ! -d "$CFP/curvlinops_for_pytorch-3.0.1.dist-info" ]; then

@@ -25,6 +25,9 @@ HAS_TORCH = importlib.util.find_spec("torch") is not None
 HAS_JAX = importlib.util.find_spec("jax") is not None
 needs_torch = pytest.mark.skipif(not HAS_TORCH, reason="needs PyTorch")
 needs_jax = pytest.mark.skipif(not HAS_JAX, reason="needs JAX")
+HAS_HUGGINGFACE = all(
+    importlib.util.find_spec(name) is not None for name in ("transformers", "tokenizers", "equinox")
+)
 
 
 # test: (script, its arguments ({out}: a folder for its files), whether it can run here)
@@ -35,6 +38,7 @@ SCRIPTS = {
     "test_influence": ("influence.py", [], HAS_TORCH),
     "test_kfac": ("kfac.py", [], HAS_TORCH),
     "test_gpu_dry_run": ("gpu.py", ["--dry-run"], HAS_TORCH),
+    "test_huggingface": ("huggingface.py", [], HAS_TORCH and HAS_JAX and HAS_HUGGINGFACE),
 }
 
 
@@ -137,6 +141,22 @@ def test_gpu_dry_run(started):
     assert "PyTorch on cpu" in out and "CG: 1/1 columns converged" in out
     if HAS_JAX:
         assert "JAX on cpu" in out
+
+
+@pytest.mark.skipif(
+    not (HAS_TORCH and HAS_JAX and HAS_HUGGINGFACE),
+    reason="needs PyTorch, JAX, transformers, tokenizers and equinox (the test extra)",
+)
+def test_huggingface(started):
+    out, _ = run_example(started, "test_huggingface")
+    assert "batches are BatchEncodings" in out
+    for name in ("GPT-2 LM (PyTorch)", "GPT-2 classifier", "equinox LM (JAX)"):
+        row = re.search(rf"^{re.escape(name)} +(\d+) +([-0-9. e]+)$", out, re.MULTILINE)
+        assert row, f"no row for {name}:\n{out}"
+        values = [float(x) for x in row.group(2).split()]
+        top_hessian, top_ggn, dense_check = values[:3], values[3:6], values[6]
+        assert top_hessian == sorted(top_hessian, reverse=True)
+        assert min(top_ggn) >= 0 and dense_check < 1e-8
 
 
 @needs_torch

@@ -34,7 +34,7 @@ from curvlinops.backends._distributed import LOCAL, SingleProcess
 from curvlinops.backends._distributed_jax import BatchSharding, gather_global
 from curvlinops.backends._protocol import single_cotangent
 
-__all__ = ["JaxBackend", "x64_enabled"]
+__all__ = ["JaxBackend", "JaxLinearization", "x64_enabled"]
 
 X64_FIX = "Enable float64 in JAX first: jax.config.update('jax_enable_x64', True)."
 
@@ -256,6 +256,49 @@ class JaxBackend:
     def vmap(self, f: Callable, in_axes: Any = 0, out_axes: Any = 0) -> Callable:
         return jax.vmap(f, in_axes=in_axes, out_axes=out_axes)
 
+    # --- linearizations kept for repeated products -------------------------------
+    # Built inside a compiled function, returned from it as a pytree of residuals,
+    # and applied by another compiled function that takes them as arguments.
+    def linearize(self, f: Callable, primal: Any, *, transpose: bool = False) -> Any:
+        output, pullback = jax.vjp(f, primal)
+        return JaxLinearization(output, pullback, None)
+
+    def linearize_gradient(self, f: Callable, primal: Any) -> Any:
+        # forward-over-reverse, as hvp_fn
+        _, pushforward = jax.linearize(jax.grad(f), primal)
+        return JaxLinearization(None, None, pushforward)
+
+    def linear_output(self, lin: Any) -> jax.Array:
+        return lin.output
+
+    def linear_vjp(self, lin: Any, cotangent: jax.Array) -> Any:
+        return lin.pullback(cotangent)[0]
+
+    def linear_jvp(self, lin: Any, tangent: Any) -> Any:
+        if lin.pushforward is not None:
+            return lin.pushforward(tangent)
+        # J v as the transpose of the kept pullback: no second set of residuals
+        _, transpose = jax.vjp(lambda u: lin.pullback(u)[0], jnp.zeros_like(lin.output))
+        return transpose(tangent)[0]
+
+    def cached_bytes(self, state: Any) -> int:
+        parameters = {id(leaf) for leaf in jax.tree_util.tree_leaves(self.primals)}
+        arrays = {
+            id(leaf): leaf.nbytes
+            for leaf in jax.tree_util.tree_leaves(state)
+            if isinstance(leaf, jax.Array) and id(leaf) not in parameters
+        }
+        return int(sum(arrays.values()))
+
+    def can_linearize(self, x: Any) -> bool:
+        # Under jax.jit (or another transformation) products stay pure: no kept
+        # state. A concrete x can come while a trace is active (jax.scipy's cg
+        # evaluates its first residual so): a new array then is a tracer.
+        return self.is_concrete(x) and self.is_concrete(jnp.zeros(()))
+
+    def parameters_token(self) -> Any:
+        return None  # JAX arrays cannot change: an operator keeps its parameters
+
     compiles = True
 
     def compile(
@@ -295,6 +338,27 @@ class JaxBackend:
             self._sharding = BatchSharding(sharding)
             self.primals = self._sharding.replicate(self.primals)
         return SingleProcess()
+
+
+@jax.tree_util.register_pytree_node_class
+class JaxLinearization:
+    """A function linearised at fixed parameters, as a pytree of its residuals.
+
+    ``pullback`` is the function of ``jax.vjp`` (``u -> (Jᵀ u,)``) and
+    ``pushforward`` that of ``jax.linearize`` (``v -> J v``); one of them is
+    ``None``. Both are ``jax.tree_util.Partial``: their residual arrays are
+    leaves, so a compiled function can return them and another take them.
+    """
+
+    def __init__(self, output: Any, pullback: Any, pushforward: Any) -> None:
+        self.output, self.pullback, self.pushforward = output, pullback, pushforward
+
+    def tree_flatten(self) -> tuple[tuple, None]:
+        return (self.output, self.pullback, self.pushforward), None
+
+    @classmethod
+    def tree_unflatten(cls, _: None, children: tuple) -> JaxLinearization:
+        return cls(*children)
 
 
 def _plain_mappings(tree: Any) -> Any:

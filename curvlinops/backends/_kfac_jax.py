@@ -10,6 +10,11 @@ transpose, as ``jax.vmap`` of ``W @ x + b`` gives) along its output axis. So
 ``x @ W + b``, ``x @ W.T + b``, flax ``Dense``/``Conv`` and equinox
 ``Linear`` are found without registration.
 
+The capture holds no arrays (the traced jaxprs live in a small module-level
+cache keyed by the model function and the shapes), so KFAC's compiled
+programs, whose static argument contains it, are shared between operators
+of equal configuration.
+
 The jaxpr is then evaluated by a small interpreter that records each layer's
 input and adds a zero to its output, whose cotangent under ``jax.vjp`` is the
 output gradient. Inputs come out as ``(N, S, d_in)`` (convolutions unfolded
@@ -21,6 +26,7 @@ kernel ``(in, out)``.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,11 +36,14 @@ import jax.numpy as jnp
 from jax import lax
 from jax.extend.core import Literal
 
-from curvlinops._checks import value_error
+from curvlinops._checks import type_error, value_error
 
 __all__ = ["JaxKFACCapture"]
 
 _CALLS = ("pjit", "jit", "closed_call", "core_call")
+_MAX_PLANS = 32
+"""Traced models kept (model function and shapes); each holds a jaxpr and its constants."""
+_PLANS: OrderedDict[tuple, tuple[Callable, _Plan]] = OrderedDict()
 _PASS_THROUGH = ("convert_element_type", "copy", "copy_p")
 
 
@@ -75,10 +84,12 @@ class JaxKFACCapture:
             ``(out, in, ...)`` order.
     """
 
-    def __init__(self, backend: Any, X: Any) -> None:
-        self._backend = backend
+    def __init__(self, backend: Any, X: Any, layers: dict | None = None) -> None:
+        self.model_fn = backend.model_fn
         self._names = list(backend.param_names)
-        self._plans: dict[Any, _Plan] = {}
+        self._explicit = _check_explicit_layers(layers, self._names)
+        leaves, self._param_tree = jax.tree_util.tree_flatten(backend.primals)
+        self._param_shapes = tuple((tuple(p.shape), str(p.dtype)) for p in leaves)
         plan = self._plan(X)
         self.mapping = {
             name: {"weight": layer.weight, **({} if layer.bias is None else {"bias": layer.bias})}
@@ -91,16 +102,23 @@ class JaxKFACCapture:
         """Trace the model for inputs like ``X`` (before a compiled function needs it)."""
         self._plan(X)
 
-    def model_state(self) -> Any:
-        raise value_error(
-            "backend",
-            "'torch' for state_dict (it saves a torch.nn.Module's state)",
-            "'jax'",
-            "Keep the parameter pytree and the operator's factors (_input_covariances, "
-            "_gradient_covariances) yourself.",
-        )
+    def model_state(self, backend: Any) -> Any:
+        """The parameter pytree (what ``KFACLinearOperator.state_dict`` saves for JAX)."""
+        return backend.primals
 
-    load_model_state = model_state
+    def load_model_state(self, state: Any, backend: Any) -> None:
+        """Make ``state`` (a pytree like the parameters) the operator's parameters."""
+        leaves, tree = jax.tree_util.tree_flatten(state)
+        shapes = tuple((tuple(jnp.shape(p)), str(jnp.asarray(p).dtype)) for p in leaves)
+        if tree != self._param_tree or shapes != self._param_shapes:
+            raise value_error(
+                "state_dict['model_func_state_dict']",
+                f"a parameter pytree of this operator's structure {self._param_tree} and "
+                f"(shape, dtype) {self._param_shapes}",
+                f"{tree} with {shapes}",
+            )
+        arrays = jax.tree_util.tree_unflatten(tree, [jnp.asarray(p) for p in leaves])
+        backend.primals = jax.device_put(arrays, backend.device)  # committed, as the backend's
 
     def forward(
         self, model_fn: Callable, primals: Any, X: Any, with_gradients: bool
@@ -119,7 +137,9 @@ class JaxKFACCapture:
             return outputs, recorded
 
         zeros = {
-            name: jnp.zeros(layer.output_eqn.outvars[0].aval.shape, dtype=self._backend.dtype)
+            name: jnp.zeros(
+                layer.output_eqn.outvars[0].aval.shape, layer.output_eqn.outvars[0].aval.dtype
+            )
             for name, layer in plan.layers.items()
         }
         outputs, vjp_fn, inputs = jax.vjp(run, zeros, has_aux=True)
@@ -134,20 +154,38 @@ class JaxKFACCapture:
 
     # --- tracing ----------------------------------------------------------------------
     def _plan(self, X: Any) -> _Plan:
+        """The traced model for inputs like ``X`` (from the cache, or traced now)."""
         leaves, tree = jax.tree_util.tree_flatten(X)
-        key = (tree, tuple((tuple(x.shape), str(x.dtype)) for x in leaves))
-        if key not in self._plans:
-            self._plans[key] = self._trace(X)
-        return self._plans[key]
+        x_shapes = tuple((tuple(x.shape), str(x.dtype)) for x in leaves)
+        key = (
+            id(self.model_fn),
+            self._param_tree,
+            self._param_shapes,
+            self._explicit,
+            tree,
+            x_shapes,
+        )
+        cached = _PLANS.get(key)
+        if cached is not None and cached[0] is self.model_fn:
+            _PLANS.move_to_end(key)
+            plan = cached[1]
+        else:
+            plan = self._trace(X)
+            _PLANS[key] = (self.model_fn, plan)
+            if len(_PLANS) > _MAX_PLANS:
+                _PLANS.popitem(last=False)
+        if hasattr(self, "mapping"):
+            self._check_same_layers(plan.layers)
+        return plan
 
     def _trace(self, X: Any) -> _Plan:
-        b = self._backend
-        params, rebuild = jax.tree_util.tree_flatten(b.primals)
+        params = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in self._param_shapes]
         x_leaves, x_tree = jax.tree_util.tree_flatten(X)
+        x_leaves = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in x_leaves]
 
         def flat_model(*args: Any) -> Any:
-            p = jax.tree_util.tree_unflatten(rebuild, args[: len(params)])
-            return b.model_fn(p, jax.tree_util.tree_unflatten(x_tree, args[len(params) :]))
+            p = jax.tree_util.tree_unflatten(self._param_tree, args[: len(params)])
+            return self.model_fn(p, jax.tree_util.tree_unflatten(x_tree, args[len(params) :]))
 
         closed = jax.make_jaxpr(flat_model)(*params, *x_leaves)
         found: list[_Layer] = []
@@ -157,21 +195,40 @@ class JaxKFACCapture:
         }
         _find_layers(closed.jaxpr, leaves, found)
         self._check_untied(found)
-        names = [self._layer_name(layer) for layer in found]
+        explicit = self._apply_explicit(found)
+        names = [explicit.get(id(layer)) or self._layer_name(layer) for layer in found]
         # two weights under one parent path: each layer keeps its weight's full path
         names = [
             name if names.count(name) == 1 else self._names[layer.weight]
             for name, layer in zip(names, found)
         ]
         layers = dict(zip(names, found))
-        if hasattr(self, "mapping"):
-            self._check_same_layers(layers)
         return _Plan(
             closed,
             layers,
             {id(layer.input_eqn): name for name, layer in layers.items()},
             {id(layer.output_eqn): name for name, layer in layers.items()},
         )
+
+    def _apply_explicit(self, found: list[_Layer]) -> dict[int, str]:
+        """Give the layers named in ``layers`` their names and biases: ``{id(layer): name}``."""
+        by_weight = {layer.weight: layer for layer in found}
+        names = {}
+        for name, weight, bias in self._explicit:
+            layer = by_weight.get(self._names.index(weight))
+            if layer is None:
+                raise value_error(
+                    f"layers[{name!r}]['weight']",
+                    "a leaf that is the weight operand of a dot_general or "
+                    "conv_general_dilated of model_func",
+                    repr(weight),
+                    "Name the leaf multiplied by the layer's input.",
+                )
+            if bias is not None:
+                # the caller vouches that the bias is added to this layer's output
+                layer.bias = self._names.index(bias)
+            names[id(layer)] = name
+        return names
 
     def _check_untied(self, found: list[_Layer]) -> None:
         weights = [layer.weight for layer in found]
@@ -220,6 +277,34 @@ class JaxKFACCapture:
             )
 
 
+def _check_explicit_layers(layers: Any, names: list[str]) -> tuple:
+    """``layers`` as ``((name, weight leaf name, bias leaf name or None), ...)``."""
+    if layers is None:
+        return ()
+    expected = "a dict {layer name: {'weight': leaf name, 'bias': leaf name (optional)}}"
+    if not isinstance(layers, dict):
+        raise type_error("layers", expected, layers)
+    explicit = []
+    for name, parts in layers.items():
+        if not isinstance(name, str) or not isinstance(parts, dict) or "weight" not in parts:
+            raise type_error(f"layers[{name!r}]", expected, parts)
+        if set(parts) - {"weight", "bias"}:
+            raise value_error(
+                f"layers[{name!r}]",
+                "the keys 'weight' and 'bias'",
+                f"the keys {sorted(parts)}",
+            )
+        for part, leaf in parts.items():
+            if leaf not in names:
+                raise value_error(
+                    f"layers[{name!r}][{part!r}]",
+                    f"the name of a parameter leaf, one of {names}",
+                    repr(leaf),
+                )
+        explicit.append((name, parts["weight"], parts.get("bias")))
+    return tuple(explicit)
+
+
 # --- finding layers ---------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Param:
@@ -232,15 +317,30 @@ class _Param:
 
 @dataclass(frozen=True)
 class _Pending:
-    """The output of a layer (before its bias), with its batch and feature axes."""
+    """The output of a layer (before its bias), with its batch and feature axes.
+
+    ``residual``: a residual was added to the layer's output since (``x + h @ W``);
+    a bias added next is still the layer's bias, and its output gradient the layer's.
+    """
 
     layer: _Layer
     batch_axis: int
     feature_axis: int
+    residual: bool = False
+
+
+def _use_counts(jaxpr: Any) -> dict[Any, int]:
+    """How often each variable of ``jaxpr`` is read (by its equations or as an output)."""
+    counts: dict[Any, int] = {}
+    for v in [*(v for eqn in jaxpr.eqns for v in eqn.invars), *jaxpr.outvars]:
+        if not isinstance(v, Literal):
+            counts[v] = counts.get(v, 0) + 1
+    return counts
 
 
 def _find_layers(jaxpr: Any, params: dict, found: list[_Layer]) -> None:
     pending: dict[Any, _Pending] = {}
+    uses = _use_counts(jaxpr)
     for eqn in jaxpr.eqns:
         name = eqn.primitive.name
         ins = [None if isinstance(v, Literal) else v for v in eqn.invars]
@@ -257,7 +357,7 @@ def _find_layers(jaxpr: Any, params: dict, found: list[_Layer]) -> None:
                 pending[eqn.outvars[0]] = _Pending(layer, layer.batch_axis, layer.feature_axis)
             continue
         _track_params(eqn, name, ins, params)
-        _track_pending(eqn, name, ins, params, pending)
+        _track_pending(eqn, name, ins, params, pending, uses)
 
 
 def _track_params(eqn: Any, name: str, ins: list, params: dict) -> None:
@@ -292,8 +392,8 @@ def _vector_axis_after(eqn: Any, name: str, source: _Param) -> int | None:
     return None
 
 
-def _track_pending(eqn: Any, name: str, ins: list, params: dict, pending: dict) -> None:
-    """Follow a layer's output through a transpose to the bias added to it."""
+def _track_pending(eqn: Any, name: str, ins: list, params: dict, pending: dict, uses: dict) -> None:
+    """Follow a layer's output through a transpose and a residual to the bias added to it."""
     if name == "transpose" and ins[0] in pending:
         old = pending.pop(ins[0])
         perm = list(eqn.params["permutation"])
@@ -312,6 +412,30 @@ def _track_pending(eqn: Any, name: str, ins: list, params: dict, pending: dict) 
                 state.layer.output_eqn = eqn
                 del pending[out_side]
                 return
+    _track_residual(eqn, ins, params, pending, uses)
+
+
+def _track_residual(eqn: Any, ins: list, params: dict, pending: dict, uses: dict) -> None:
+    """``x + h @ W``: the sum stands for the layer's output in the search for its bias.
+
+    The sum's cotangent is the layer output's (an addition passes cotangents
+    through) as long as the layer's output is read by this addition alone and
+    keeps its shape; the sum must then also be read by the bias addition alone,
+    which :func:`_track_pending` sees as ``residual``.
+    """
+    out_shape = eqn.outvars[0].aval.shape
+    for out_side, other in ((ins[0], ins[1]), (ins[1], ins[0])):
+        state = pending.get(out_side)
+        if state is None or other in params or state.residual:
+            continue
+        if uses.get(out_side) != 1 or uses.get(eqn.outvars[0]) != 1:
+            continue
+        if tuple(out_side.aval.shape) != tuple(out_shape):
+            continue
+        pending[eqn.outvars[0]] = _Pending(
+            state.layer, state.batch_axis, state.feature_axis, residual=True
+        )
+        return
 
 
 def _dense_layer(eqn: Any, ins: list, params: dict) -> _Layer | None:

@@ -52,11 +52,11 @@ class TorchKFACCapture:
     def prepare(self, X: Any) -> None:
         """Nothing to prepare: hooks capture eagerly."""
 
-    def model_state(self) -> dict[str, Any]:
+    def model_state(self, backend: Any) -> dict[str, Any]:
         """The model's ``state_dict()`` (what ``KFACLinearOperator.state_dict`` saves)."""
         return self._model.state_dict()
 
-    def load_model_state(self, state: dict[str, Any]) -> None:
+    def load_model_state(self, state: dict[str, Any], backend: Any) -> None:
         """Load a model state in place: the operator's parameters share the model's memory."""
         self._model.load_state_dict(state)
 
@@ -82,11 +82,7 @@ class TorchKFACCapture:
         layers = [self._layers[name] for name in names]
 
         def pullback(columns: torch.Tensor) -> dict[str, torch.Tensor]:
-            per_column = [_output_gradients(outputs, zeros, layers, column) for column in columns]
-            return {
-                name: torch.stack([grads[i] for grads in per_column])
-                for i, name in enumerate(names)
-            }
+            return dict(zip(names, _output_gradients(outputs, zeros, layers, columns)))
 
         return outputs.detach(), inputs, pullback
 
@@ -137,23 +133,38 @@ class TorchKFACCapture:
 
 
 def _output_gradients(
-    outputs: torch.Tensor, zeros: list[torch.Tensor], layers: list[nn.Module], column: Any
+    outputs: torch.Tensor, zeros: list[torch.Tensor], layers: list[nn.Module], columns: Any
 ) -> list[torch.Tensor]:
-    """Gradients ``(N, S, d_out)`` of ``<outputs, column>`` with respect to each layer's output."""
+    """Gradients ``(k, N, S, d_out)`` of ``<outputs, column>`` for each of ``k`` columns.
+
+    All columns go through one backward pass batched by ``vmap``
+    (``is_grads_batched``), not one pass per column (type-2: one per class).
+    """
+    batched = columns.shape[0] > 1
     grads = torch.autograd.grad(
-        outputs, zeros, grad_outputs=column, retain_graph=True, allow_unused=True
+        outputs,
+        zeros,
+        grad_outputs=columns if batched else columns[0],
+        retain_graph=True,
+        allow_unused=True,
+        is_grads_batched=batched,
     )
     return [
-        _layer_output_gradient(layer, torch.zeros_like(z) if g is None else g.detach())
+        _layer_output_gradient(
+            layer,
+            torch.zeros((columns.shape[0], *z.shape), dtype=z.dtype, device=z.device)
+            if g is None
+            else (g if batched else g[None]).detach(),
+        )
         for layer, z, g in zip(layers, zeros, grads)
     ]
 
 
 def _layer_output_gradient(layer: nn.Module, g: torch.Tensor) -> torch.Tensor:
-    """Output gradients ``(N, ..., d_out)``, or ``(N, C, H, W)`` of a conv, as ``(N, S, d_out)``."""
+    """Gradients ``(k, N, ..., d_out)`` (conv: ``(k, N, C, H, W)``) as ``(k, N, S, d_out)``."""
     if isinstance(layer, nn.Conv2d):
-        return g.flatten(start_dim=2).transpose(1, 2)
-    return g.reshape(g.shape[0], -1, g.shape[-1])
+        return g.flatten(start_dim=3).transpose(2, 3)
+    return g.reshape(g.shape[0], g.shape[1], -1, g.shape[-1])
 
 
 def _layer_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -132,6 +132,42 @@ class Backend(Protocol):
     def vmap(self, f: Callable, in_axes: Any = 0, out_axes: Any = 0) -> Callable:
         """Vectorise ``f`` over an axis of its arguments."""
 
+    # --- linearizations kept for repeated products ------------------------
+    # At fixed parameters and data, a product need not recompute the forward
+    # pass and the gradient's graph: they are built once per batch (the
+    # linearization, kept by the operator) and each product only applies it.
+    def linearize(self, f: Callable, primal: Any, *, transpose: bool = False) -> Any:
+        """``f`` linearised at ``primal``, kept to apply many times.
+
+        :meth:`linear_vjp` applies it (and :meth:`linear_jvp` with
+        ``transpose``). JAX: a pytree, which a compiled function can return.
+        """
+
+    def linearize_gradient(self, f: Callable, primal: Any) -> Any:
+        """The gradient of scalar ``f`` linearised at ``primal`` (``linear_jvp``: ``∇²f v``)."""
+
+    def linear_output(self, lin: Any) -> Any:
+        """The value of the linearised function (without a graph)."""
+
+    def linear_vjp(self, lin: Any, cotangent: Any) -> Any:
+        """``Jᵀ u`` (parameter-shaped) from a kept linearization; vectorisable."""
+
+    def linear_jvp(self, lin: Any, tangent: Any) -> Any:
+        """``J v`` (``H v`` for a gradient) from a kept linearization; vectorisable."""
+
+    def cached_bytes(self, state: Any) -> int:
+        """Bytes that ``state`` (linearizations and arrays) keeps, parameters not counted."""
+
+    def can_linearize(self, x: Any) -> bool:
+        """Whether a product with ``x`` may build or use kept linearizations now.
+
+        False while ``x`` is traced (``jax.jit``: products must stay pure) or
+        when no graph can be kept (PyTorch inference mode, ``torch.func``).
+        """
+
+    def parameters_token(self) -> Any:
+        """A value that changes when the parameters (or the model's state) change in place."""
+
     compiles: bool
     """Whether :meth:`compile` compiles (JAX) or hands ``f`` back (PyTorch)."""
 

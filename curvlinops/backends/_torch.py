@@ -33,7 +33,14 @@ from curvlinops.backends._arrays import (
     real_numeric,
     rebuild_mapping,
 )
+from curvlinops.backends._attention import differentiable_attention
 from curvlinops.backends._distributed_torch import torch_communicator
+from curvlinops.backends._linearize_torch import (
+    linearize,
+    linearize_gradient,
+    parameters_token,
+    pull_back,
+)
 from curvlinops.backends._protocol import single_cotangent
 
 __all__ = ["TorchBackend"]
@@ -56,6 +63,8 @@ class TorchBackend:
         self.device = tensors[0].device
         self._sizes = [t.numel() for t in tensors]
         self.model_fn = _functional_model(model_func, params, names)
+        # what the model reads: a change in place makes kept linearizations stale
+        self._watched = _watched_tensors(model_func, self.primals)
 
     # --- set-up -----------------------------------------------------------
     def loss(self, loss_func: Any) -> Any:
@@ -167,20 +176,26 @@ class TorchBackend:
         return torch.rand(shape, generator=gen, dtype=self.torch_dtype, device=self.device)
 
     # --- autodiff ---------------------------------------------------------
+    # The transforms run attention on its math kernel (see backends/_attention.py):
+    # fused kernels have no second derivative, forward mode or vmap rule.
+    @differentiable_attention()
     def jvp(self, f: Callable, primals: tuple, tangents: tuple) -> tuple[Any, Any]:
         _load_forward_mode_quietly()
         return jvp(f, primals, tangents)
 
+    @differentiable_attention()
     def vjp(self, f: Callable, *primals: Any, has_aux: bool = False) -> tuple[Any, ...]:
         out, pullback, *aux = vjp(f, *primals, has_aux=has_aux)
         return (out, single_cotangent(pullback) if len(primals) == 1 else pullback, *aux)
 
+    @differentiable_attention()
     def hvp_fn(self, f: Callable, primal: Any) -> Callable[[Any], Any]:
         # Reverse-over-reverse: on CPU it beat forward-over-reverse
         # (benchmarks/README.md has the measurement).
         _, pullback = vjp(grad(f), primal)
         return lambda v: pullback(v)[0]
 
+    @differentiable_attention()
     def hvp(self, f: Callable, primal: Any, v: Any) -> Any:
         # Plain autograd's double backward, 2-13% faster than torch.func's for one
         # vector (benchmarks/README.md); it cannot run under torch.func transforms.
@@ -197,6 +212,41 @@ class TorchBackend:
 
     def vmap(self, f: Callable, in_axes: Any = 0, out_axes: Any = 0) -> Callable:
         return vmap(f, in_dims=in_axes, out_dims=out_axes)
+
+    # --- linearizations kept for repeated products (_linearize_torch.py) ------
+    @differentiable_attention()
+    def linearize(self, f: Callable, primal: Any, *, transpose: bool = False) -> Any:
+        return linearize(f, primal, transpose)
+
+    @differentiable_attention()
+    def linearize_gradient(self, f: Callable, primal: Any) -> Any:
+        return linearize_gradient(f, primal)
+
+    def linear_output(self, lin: Any) -> torch.Tensor:
+        return lin.output
+
+    def linear_vjp(self, lin: Any, cotangent: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return pull_back(lin.forward, (cotangent,))
+
+    def linear_jvp(self, lin: Any, tangent: Sequence[torch.Tensor]) -> Any:
+        if lin.transposed is None:  # a gradient's graph: H is symmetric
+            return pull_back(lin.forward, tangent)
+        return pull_back(lin.transposed, tangent)[0]
+
+    def cached_bytes(self, state: Any) -> int:
+        leaves, _ = _flatten_structure(state)
+        parts = {id(leaf): _kept_bytes(leaf) for leaf in leaves}
+        return int(sum(parts.values()))
+
+    def can_linearize(self, x: Any) -> bool:
+        return not (
+            torch.is_inference_mode_enabled()
+            or any(p.is_inference() for p in self.primals)
+            or _under_torch_func((x,))
+        )
+
+    def parameters_token(self) -> Any:
+        return parameters_token(self._watched)
 
     compiles = False
 
@@ -218,6 +268,21 @@ class TorchBackend:
 
 
 # --- helpers ---------------------------------------------------------------
+def _watched_tensors(model_func: Any, primals: tuple) -> list[torch.Tensor]:
+    """The parameters, and a module's other parameters and buffers (by identity, once)."""
+    tensors = {(t.data_ptr(), t.shape): t for t in primals}
+    if isinstance(model_func, nn.Module):
+        for t in (*model_func.parameters(), *model_func.buffers()):
+            tensors.setdefault((t.data_ptr(), t.shape), t)
+    return list(tensors.values())
+
+
+def _kept_bytes(leaf: Any) -> int:
+    if isinstance(leaf, torch.Tensor):
+        return leaf.nbytes
+    return int(getattr(leaf, "nbytes", 0))  # a TorchLinearization's graphs
+
+
 @functools.cache
 def _load_forward_mode_quietly() -> None:
     """Load PyTorch's forward-mode decompositions once, without its own deprecation warnings.
