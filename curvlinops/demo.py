@@ -872,14 +872,19 @@ def format_table(table: dict, names: Sequence[str]) -> str:
 
 
 # --- the whole run -------------------------------------------------------------------------------
-def versions() -> dict:
-    """Versions of Python, the platform and the libraries (``None``: not installed)."""
+def versions(**packages: str) -> dict:
+    """Versions of Python, the platform and the libraries (``None``: not installed).
+
+    ``packages`` maps report keys to distribution names reported besides scipy,
+    torch and jax (``sklearn="scikit-learn"``).
+    """
     return {
         "python": platform.python_version(),
         "platform": platform.platform(),
         "curvlinops": curvlinops.__version__,
         "numpy": np.__version__,
         "scipy": framework_version("scipy"),
+        **{key: framework_version(name) for key, name in packages.items()},
         "torch": framework_version("torch"),
         "jax": framework_version("jax"),
     }

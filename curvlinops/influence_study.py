@@ -109,7 +109,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import sys
 import time
 import warnings
@@ -122,10 +121,10 @@ import numpy as np
 import scipy.optimize
 import scipy.stats
 
-import curvlinops
 from curvlinops.backends import Backend, make_backend
-from curvlinops.backends._namespaces import cpu_threads, framework_version
+from curvlinops.backends._namespaces import cpu_threads
 from curvlinops.backends._study_models import tanh_classifier
+from curvlinops.demo import versions
 from curvlinops.ggn import GGNLinearOperator
 from curvlinops.hessian import HessianLinearOperator
 from curvlinops.influence import _PerExampleGradients, influence_on_test_loss
@@ -801,7 +800,7 @@ def _assemble(
             "models": {m: _architecture_label(m, config) for m in MODELS},
             "inspected_at_10pct": round(0.1 * n),
         },
-        "versions": versions(),
+        "versions": versions(sklearn="scikit-learn"),
         **sections,
         "random_recall_at_10pct": round(0.1 * n) / n,
         "agreement": agreement(scores, names),
@@ -824,20 +823,6 @@ def agreement(scores: dict[str, dict[str, np.ndarray]], names: Sequence[str]) ->
             "max_relative_difference": float(np.max(np.abs(a - c)) / np.max(np.abs(a))),
         }
     return result
-
-
-def versions() -> dict:
-    """Versions of Python, the platform and the libraries (``None``: not installed)."""
-    return {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "curvlinops": curvlinops.__version__,
-        "numpy": np.__version__,
-        "scipy": framework_version("scipy"),
-        "sklearn": framework_version("scikit-learn"),
-        "torch": framework_version("torch"),
-        "jax": framework_version("jax"),
-    }
 
 
 def _loadavg() -> float | None:
