@@ -108,11 +108,13 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import os
 import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
@@ -181,6 +183,10 @@ class StudyConfig:
         loo_points_mlp: The same for the MLP, whose retraining costs far more.
         grid_test_images: Test images in the test-influence grid.
         grid_neighbours: Helpful and harmful training images shown for each.
+        processes: Run the backends side by side, each in a process of its own,
+            where there are several and the machine has a core for each (PyTorch
+            runs on one thread, and most of the job is small operations that one
+            core serves best); their lines are printed when each finishes.
     """
 
     n_train: int | None = None
@@ -196,6 +202,7 @@ class StudyConfig:
     loo_points_mlp: int = 10
     grid_test_images: int = 4
     grid_neighbours: int = 5
+    processes: bool = True
 
 
 # --- the data, in numpy ----------------------------------------------------------------------
@@ -701,6 +708,40 @@ def run_backend(
     return sections, scores
 
 
+def run_backends(
+    names: Sequence[str],
+    problem: DigitsProblem,
+    config: StudyConfig,
+    plan: dict[str, Sequence[str]],
+    say: Callable[[str], None],
+) -> tuple[dict, dict]:
+    """:func:`run_backend` for each backend: side by side in processes, or one after another."""
+    if not (config.processes and len(names) > 1 and (os.cpu_count() or 1) >= len(names)):
+        results = {name: run_backend(name, problem, config, plan, say) for name in names}
+    else:
+        # "spawn": a fork would copy a parent's framework thread pools in an unknown state
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(len(names), mp_context=context) as pool:
+            futures = {
+                name: pool.submit(_run_backend_collecting_lines, name, problem, config, plan)
+                for name in names
+            }
+            results = {}
+            for name, future in futures.items():
+                lines, results[name] = future.result()
+                for line in lines:
+                    say(line)
+    return {name: r[0] for name, r in results.items()}, {name: r[1] for name, r in results.items()}
+
+
+def _run_backend_collecting_lines(
+    framework: str, problem: DigitsProblem, config: StudyConfig, plan: dict[str, Sequence[str]]
+) -> tuple[list[str], tuple[dict, dict[str, np.ndarray]]]:
+    """:func:`run_backend` in a worker process; its progress lines are returned, not printed."""
+    lines: list[str] = []
+    return lines, run_backend(framework, problem, config, plan, lines.append)
+
+
 # --- the whole run -------------------------------------------------------------------------------
 def run_influence_study(
     backends: Iterable[str],
@@ -741,17 +782,18 @@ def run_influence_study(
         config = replace(config, block_size=len(problem.y_train))
     say = (lambda text: None) if quiet else (lambda text: print(text, file=stream, flush=True))
     say(_describe(problem, config, names))
-    results, scores = {}, {}
-    for name in names:
-        results[name], scores[name] = run_backend(name, problem, config, plan, say)
+    results, scores = run_backends(names, problem, config, plan, say)
     report = _assemble(problem, config, names, results, scores, command)
     print(format_table(report, names), file=stream)
     report["plots"] = _plots(report, problem, config, names, out_dir, stream)
     after = os.times()
     report["timings"] = {
         "wall_s": time.perf_counter() - wall,
-        "cpu_user_s": after.user - usage.user,
-        "cpu_system_s": after.system - usage.system,
+        # the backends' processes, if any, have ended: their times are the children's
+        "cpu_user_s": after.user - usage.user + after.children_user - usage.children_user,
+        "cpu_system_s": (
+            after.system - usage.system + after.children_system - usage.children_system
+        ),
     }
     report["load"] = {
         "cpu_count": os.cpu_count(),
