@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax._src import core as _jax_core  # trace_state_clean: no public equivalent
 
 from curvlinops import losses
 from curvlinops._checks import describe, type_error, value_error
@@ -294,7 +295,7 @@ class JaxBackend:
         # Under jax.jit (or another transformation) products stay pure: no kept
         # state. A concrete x can come while a trace is active (jax.scipy's cg
         # evaluates its first residual so): a new array then is a tracer.
-        return self.is_concrete(x) and self.is_concrete(jnp.zeros(()))
+        return self.is_concrete(x) and not _trace_active()
 
     def parameters_token(self) -> Any:
         return None  # JAX arrays cannot change: an operator keeps its parameters
@@ -338,6 +339,14 @@ class JaxBackend:
             self._sharding = BatchSharding(sharding)
             self.primals = self._sharding.replicate(self.primals)
         return SingleProcess()
+
+
+def _trace_active() -> bool:
+    """Whether a JAX transformation is tracing now (then a new array is a tracer)."""
+    clean = getattr(_jax_core, "trace_state_clean", None)
+    if clean is not None:  # no array made: an eager zeros costs 0.3 ms per product
+        return not clean()
+    return isinstance(jnp.zeros(()), jax.core.Tracer)
 
 
 @jax.tree_util.register_pytree_node_class
