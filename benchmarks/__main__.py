@@ -31,8 +31,8 @@ PRODUCT_OPS = ("grad", "hvp", "ggnvp", "jvp", "vjp", "matmat16", *KFAC_OPS)
 NO_ARGUMENT_OPS = ("grad", "kfac_mc", "kfac_ef", "kfac_type2", "ekfac")
 QUICK_OPS = tuple(op for op in OPS if op not in ("kfac_mc", "ekfac", "ekfac_mv", "kfac_inv",
                                                   "ekfac_inv"))  # fmt: skip
-"""``--quick``'s default: the deterministic KFAC factors and product (their JAX path runs
-eagerly and compiles each operation on its first call, about a second per EKFAC operation)."""
+"""``--quick``'s default: the deterministic KFAC factors and product (the EKFAC and inverse
+operations each add compilations of their own in JAX; left out to keep the quick run short)."""
 RANDOM_OPS = ("kfac_mc",)
 """Results drawn differently by each contender (MC targets): timed, not compared."""
 ALGORITHM_OPS = ("eigsh5", "trace100", "cg")
