@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -149,3 +152,22 @@ def fast_compile_xla_flags() -> str:
     }
     # XLA aborts on a flag it does not know: only those this jaxlib has
     return " ".join(f"--{flag}={value}" for flag, value in wanted.items() if xla_knows(flag))
+
+
+def run_main(*args: str, prelude: str = "") -> subprocess.CompletedProcess:
+    """``python -m curvlinops ARGS`` in a fresh interpreter (``prelude``: code run before)."""
+    code = (
+        f"{prelude}import sys; from curvlinops.__main__ import main; sys.exit(main({list(args)!r}))"
+    )
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, pattern: str) -> None:
+    """Exit status 2, nothing on stdout, one ``curvlinops: error:`` line matching ``pattern``."""
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("curvlinops: error: ")
+    assert re.search(pattern, lines[0]), lines[0]

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import assert_one_line_error, run_main
 
 from curvlinops import demo
 
@@ -448,36 +449,19 @@ def test_console_script_is_declared():
     assert entry.value == "curvlinops.__main__:main"
 
 
-def _fail(*args: str, prelude: str = "") -> subprocess.CompletedProcess:
-    code = (
-        f"{prelude}import sys; from curvlinops.__main__ import main; sys.exit(main({list(args)!r}))"
-    )
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-
-
-def _assert_one_line_error(result: subprocess.CompletedProcess, pattern: str) -> None:
-    import re
-
-    assert result.returncode == 2
-    assert result.stdout == ""
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("curvlinops: error: ")
-    assert re.search(pattern, lines[0]), lines[0]
-
-
 def test_unknown_backend():
-    _assert_one_line_error(
-        _fail("demo", "--backend", "tensorflow"),
+    assert_one_line_error(
+        run_main("demo", "--backend", "tensorflow"),
         r"--backend: expected 'torch', 'jax' or 'all', got 'tensorflow'",
     )
 
 
 @pytest.mark.parametrize("name, extra", [("jax", "JAX"), ("torch", "PyTorch")])
 def test_backend_not_installed(name, extra):
-    result = _fail("demo", "--backend", name, prelude=f"import sys; sys.modules[{name!r}] = None; ")
-    _assert_one_line_error(
+    result = run_main(
+        "demo", "--backend", name, prelude=f"import sys; sys.modules[{name!r}] = None; "
+    )
+    assert_one_line_error(
         result,
         rf"--backend {name}: {extra} is not installed\. .*pip install 'curvlinops\[{name}\]'",
     )
@@ -485,32 +469,35 @@ def test_backend_not_installed(name, extra):
 
 def test_no_backend_installed():
     prelude = "import sys; sys.modules['torch'] = None; sys.modules['jax'] = None; "
-    _assert_one_line_error(
-        _fail("demo", prelude=prelude), r"neither PyTorch nor JAX is installed.*curvlinops\[torch\]"
+    assert_one_line_error(
+        run_main("demo", prelude=prelude),
+        r"neither PyTorch nor JAX is installed.*curvlinops\[torch\]",
     )
 
 
 def test_unwritable_output_directory(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    _assert_one_line_error(
-        _fail("demo", "--out", str(blocker / "plots")), r"--out .*plots: cannot write there"
+    assert_one_line_error(
+        run_main("demo", "--out", str(blocker / "plots")), r"--out .*plots: cannot write there"
     )
-    _assert_one_line_error(_fail("demo", "--out", str(blocker)), r"is a file, not a directory")
-    _assert_one_line_error(
-        _fail("demo", "--json", str(blocker / "report.json"), "--out", str(tmp_path)),
+    assert_one_line_error(run_main("demo", "--out", str(blocker)), r"is a file, not a directory")
+    assert_one_line_error(
+        run_main("demo", "--json", str(blocker / "report.json"), "--out", str(tmp_path)),
         r"--json: the directory .*a-file: is a file, not a directory",
     )
-    _assert_one_line_error(_fail("demo", "--json", str(tmp_path)), r"--json .*: is a directory")
+    assert_one_line_error(run_main("demo", "--json", str(tmp_path)), r"--json .*: is a directory")
 
 
 def test_other_bad_options(tmp_path):
     out = ["--out", str(tmp_path)]
-    _assert_one_line_error(_fail("demo", "--dtype", "float16", *out), r"--dtype: expected")
-    _assert_one_line_error(_fail("demo", "--seed", "-1", *out), r"--seed: expected a non-negative")
-    _assert_one_line_error(_fail("demo", "--seed", "x", *out), r"--seed: expected a non-negative")
-    _assert_one_line_error(_fail("demo", "--frobnicate"), r"unrecognized arguments")
-    _assert_one_line_error(_fail(), r"choose a command: 'demo'")
+    assert_one_line_error(run_main("demo", "--dtype", "float16", *out), r"--dtype: expected")
+    assert_one_line_error(
+        run_main("demo", "--seed", "-1", *out), r"--seed: expected a non-negative"
+    )
+    assert_one_line_error(run_main("demo", "--seed", "x", *out), r"--seed: expected a non-negative")
+    assert_one_line_error(run_main("demo", "--frobnicate"), r"unrecognized arguments")
+    assert_one_line_error(run_main(), r"choose a command: 'demo'")
 
 
 def test_all_runs_what_is_installed(monkeypatch):

@@ -13,12 +13,10 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
-import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+from helpers import assert_one_line_error, run_main
 
 from curvlinops import influence_study as study
 from curvlinops.backends._namespaces import cpu_threads
@@ -214,41 +212,25 @@ def test_problem_flips_a_tenth_of_the_labels_reproducibly():
 
 
 # --- the command line ----------------------------------------------------------------------------
-def _fail(*args: str, prelude: str = "") -> subprocess.CompletedProcess:
-    code = (
-        f"{prelude}import sys; from curvlinops.__main__ import main; sys.exit(main({list(args)!r}))"
-    )
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-
-
-def _assert_one_line_error(result: subprocess.CompletedProcess, pattern: str) -> None:
-    assert result.returncode == 2
-    assert result.stdout == ""
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("curvlinops: error: ")
-    assert re.search(pattern, lines[0]), lines[0]
-
-
 def test_bad_options_exit_2_with_one_line(tmp_path):
     out = ["--out", str(tmp_path)]
-    _assert_one_line_error(
-        _fail("influence", "--method", "exact,hessian", *out),
+    assert_one_line_error(
+        run_main("influence", "--method", "exact,hessian", *out),
         r"--method: expected a comma-separated list of exact, ggn, .*got 'exact,hessian'\. "
         r"For example",
     )
-    _assert_one_line_error(
-        _fail("influence", "--backend", "numpy", *out), r"--backend: expected 'torch', 'jax'"
+    assert_one_line_error(
+        run_main("influence", "--backend", "numpy", *out), r"--backend: expected 'torch', 'jax'"
     )
-    _assert_one_line_error(_fail("influence", "--seed", "-3", *out), r"--seed: expected")
-    _assert_one_line_error(_fail("influence", "--dtype", "float32"), r"unrecognized arguments")
-    _assert_one_line_error(
-        _fail("influence", *out, prelude="import sys; sys.modules['sklearn'] = None; "),
+    assert_one_line_error(run_main("influence", "--seed", "-3", *out), r"--seed: expected")
+    assert_one_line_error(run_main("influence", "--dtype", "float32"), r"unrecognized arguments")
+    assert_one_line_error(
+        run_main("influence", *out, prelude="import sys; sys.modules['sklearn'] = None; "),
         r"scikit-learn is not installed.*pip install 'curvlinops\[data\]'",
     )
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    _assert_one_line_error(_fail("influence", "--out", str(blocker)), r"is a file")
+    assert_one_line_error(run_main("influence", "--out", str(blocker)), r"is a file")
 
 
 def test_method_option_parsing():
