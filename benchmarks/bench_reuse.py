@@ -13,6 +13,13 @@ linearization is built by the first product and kept):
 * ``in eigsh``: time per product inside ``scipy.sparse.linalg.eigsh(A, k=5,
   which="LA", tol=1e-4)`` (the solve's time over its number of products;
   ARPACK's own work included), and the solve end to end;
+* ``by hand``: ``H v`` through a linearization kept by hand in the framework
+  alone (:func:`_handwritten_kept_hvp`), the floor of a kept Hessian product;
+* ``ours``: the same per-product time inside this library's own
+  ``curvlinops.eigsh`` (thick-restart Lanczos in the framework; kept only);
+* ``ARPACK alone``: scipy's ``eigsh`` on a diagonal operator of the same size
+  (a product costs nothing), in the same number of products: the solver's own
+  work per product, the floor that ``in eigsh`` cannot go below;
 * ``first``: the product that builds the linearization (after ``clear_cache``);
   the break-even number of products is ``(first - kept) / (recomputed - kept)``
   plus one: from there on, keeping paid for its building;
@@ -32,6 +39,7 @@ import argparse
 import os
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -65,6 +73,37 @@ def _native_gradient(fp: Any) -> Callable[[], Any]:
         return jax.grad(loss)(params, X, y)
 
     return lambda: jax.block_until_ready(jax_grad(fp.params, X, y))
+
+
+def _handwritten_kept_hvp(fp: Any) -> Callable[[], Any]:
+    """``H v`` through a linearization built once by hand, in the framework alone.
+
+    PyTorch: the gradient's graph (``create_graph=True``) kept, one backward pass
+    through it per product; JAX: ``jax.linearize`` of ``jax.grad``, its linear
+    function jitted. The floor a kept product of ours can approach.
+    """
+    X, y = fp.data[0]
+    if fp.framework == "torch":
+        import torch
+        from torch.func import functional_call
+
+        names = [n for n, _ in fp.model_func.named_parameters()]
+        leaves = [p.detach().requires_grad_(True) for p in fp.params]
+        z = functional_call(fp.model_func, dict(zip(names, leaves)), (X,))
+        g = torch.autograd.grad(fp.loss_func(z, y), leaves, create_graph=True)
+        vs = [torch.randn_like(p) for p in leaves]
+        return lambda: torch.autograd.grad(g, leaves, vs, retain_graph=True)
+    import jax
+    import jax.numpy as jnp
+
+    def loss(params: Any) -> Any:
+        z = fp.model_func(params, X)
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(z), y[:, None], axis=1))
+
+    _, linear = jax.linearize(jax.grad(loss), fp.params)
+    linear = jax.jit(linear)
+    tangent = jax.tree_util.tree_map(jnp.ones_like, fp.params)
+    return lambda: jax.block_until_ready(linear(tangent))
 
 
 def _operators(fp: Any, kinds: list[str]) -> dict[str, Any]:
@@ -102,6 +141,11 @@ def _timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - start
 
 
+def _median_time(fn: Callable[[], Any], calls: int = 7) -> float:
+    """Median of ``calls`` timings: one product is too short to time once."""
+    return statistics.median(_timed(fn) for _ in range(calls))
+
+
 def run_problem(name: str, framework: str, rounds: int, quick: bool, memory: bool) -> list[dict]:
     """Rows of the table for one problem and framework."""
     import scipy.sparse.linalg
@@ -112,6 +156,7 @@ def run_problem(name: str, framework: str, rounds: int, quick: bool, memory: boo
     problem = make_problem(name, quick=quick)
     fp = problem.torch() if framework == "torch" else problem.jax()
     gradient = _native_gradient(fp)
+    handwritten = _handwritten_kept_hvp(fp)
     ops = _operators(fp, ["H", "G"])
     counters = {label: _count_products(op) for label, op in ops.items()}
     b = next(iter(ops.values())).backend
@@ -126,6 +171,11 @@ def run_problem(name: str, framework: str, rounds: int, quick: bool, memory: boo
     def solve(op: Any) -> Callable[[], Any]:
         return lambda: scipy.sparse.linalg.eigsh(op, k=K, which="LA", tol=TOL)
 
+    def native_solve(op: Any, **options: Any) -> Callable[[], Any]:
+        import curvlinops as cl
+
+        return lambda: cl.eigsh(op, k=K, which="LA", tol=TOL, **options)
+
     def first(op: Any) -> Callable[[], Any]:
         def build() -> Any:
             op.clear_cache()
@@ -133,19 +183,24 @@ def run_problem(name: str, framework: str, rounds: int, quick: bool, memory: boo
 
         return build
 
-    for op in ops.values():  # warm-up: compilations, the kept linearizations
+    for label, op in ops.items():  # warm-up: compilations, the kept linearizations
         product(op)()
         product(op)()
+        if label.endswith("kept"):  # the native solver's compiled steps (JAX)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # one restart: not converged
+                native_solve(op, maxiter=1)()
     gradient()
     samples: dict[str, list[float]] = {}
     solve_products: dict[str, int] = {}
     for _ in range(rounds):
         unit = min(_timed(gradient) for _ in range(3))
         samples.setdefault("grad", []).append(unit)
+        samples.setdefault("handwritten", []).append(_median_time(handwritten) / unit)
         for label, op in ops.items():
-            samples.setdefault(f"{label} product", []).append(_timed(product(op)) / unit)
+            samples.setdefault(f"{label} product", []).append(_median_time(product(op)) / unit)
             if label.endswith("kept"):
-                numpy_product = _timed(product(op, v_numpy)) / unit
+                numpy_product = _median_time(product(op, v_numpy)) / unit
                 samples.setdefault(f"{label} numpy", []).append(numpy_product)
                 samples.setdefault(f"{label} first", []).append(_timed(first(op)) / unit)
             counters[label][0] = 0
@@ -155,6 +210,14 @@ def run_problem(name: str, framework: str, rounds: int, quick: bool, memory: boo
             samples.setdefault(f"{label} in eigsh", []).append(
                 seconds / max(1, counters[label][0]) / unit
             )
+            if label.endswith("kept"):
+                counters[label][0] = 0
+                seconds = _timed(native_solve(op))
+                samples.setdefault(f"{label} in ours", []).append(
+                    seconds / max(1, counters[label][0]) / unit
+                )
+                floor = _arpack_alone(problem.num_params, solve_products[label])
+                samples.setdefault(f"{label} arpack", []).append(floor / unit)
     median = {key: statistics.median(values) for key, values in samples.items()}
     rows = []
     probe = MemoryProbe("cpu", framework)
@@ -177,6 +240,9 @@ def run_problem(name: str, framework: str, rounds: int, quick: bool, memory: boo
         kept = row["kept_product"]
         row["first"] = median[f"{kind} kept first"]
         row["kept_numpy"] = median[f"{kind} kept numpy"]
+        row["kept_in_ours"] = median[f"{kind} kept in ours"]
+        row["handwritten"] = median["handwritten"] if kind == "H" else None
+        row["arpack_alone"] = median[f"{kind} kept arpack"]
         saved = row["recomputed_product"] - kept
         row["break_even"] = 1 + max(0.0, row["first"] - kept) / saved if saved > 0 else None
         row["kept_mib"] = ops[f"{kind} kept"].cache_info()["nbytes"] / 2**20
@@ -184,14 +250,46 @@ def run_problem(name: str, framework: str, rounds: int, quick: bool, memory: boo
     return rows
 
 
+def _arpack_alone(n: int, products: int) -> float:
+    """Seconds per product of scipy's ``eigsh`` where products cost nothing.
+
+    A diagonal operator of size ``n`` whose spectrum (five values above a bulk
+    with a slowly decaying edge) makes ARPACK restart about as often; the solve is
+    stopped after ``products`` products, the number the real solve took.
+    """
+    import numpy as np
+    import scipy.sparse.linalg
+
+    d = np.random.default_rng(0).random(n).astype(np.float32)
+    d[:K] += 1.0
+    count = [0]
+
+    class Stop(Exception):
+        pass
+
+    def matvec(x: Any) -> Any:
+        count[0] += 1
+        if count[0] > products:
+            raise Stop
+        return d * x.ravel()
+
+    A = scipy.sparse.linalg.LinearOperator((n, n), matvec=matvec, dtype=np.float32)
+    start = time.perf_counter()
+    try:
+        scipy.sparse.linalg.eigsh(A, k=K, which="LA", tol=1e-30, maxiter=10**6)
+    except Stop:
+        pass
+    return (time.perf_counter() - start) / max(1, min(count[0], products))
+
+
 def format_table(rows: list[dict]) -> str:
     """A markdown table of the rows (ratios to one gradient of the same framework)."""
     head = (
-        "| problem | fw | op | grad ms | product recomputed / kept (numpy v) "
-        "| in eigsh recomputed / kept "
+        "| problem | fw | op | grad ms | product recomputed / kept (numpy v) | by hand "
+        "| in eigsh recomputed / kept | ARPACK alone | in ours (kept) "
         "| eigsh s recomputed / kept (products) | first product | break-even | kept MiB "
         "| eigsh peak MiB recomputed / kept |\n"
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     )
     lines = [head]
     for r in rows:
@@ -204,7 +302,9 @@ def format_table(rows: list[dict]) -> str:
         lines.append(
             f"| {r['problem']} | {r['framework']} | {r['op']} | {r['grad_ms']:.1f} "
             f"| {r['recomputed_product']:.2f} / {r['kept_product']:.2f} ({r['kept_numpy']:.2f}) "
+            f"| {'-' if r['handwritten'] is None else format(r['handwritten'], '.2f')} "
             f"| {r['recomputed_in_eigsh']:.2f} / {r['kept_in_eigsh']:.2f} "
+            f"| {r['arpack_alone']:.2f} | {r['kept_in_ours']:.2f} "
             f"| {r['recomputed_solve_s']:.2f} / {r['kept_solve_s']:.2f} "
             f"({r['recomputed_products']}/{r['kept_products']}) "
             f"| {r['first']:.2f} | {even} | {r['kept_mib']:.1f} | {peak} |"

@@ -7,6 +7,7 @@ package imports no framework; the backend is loaded when an operator is built.
 
 from curvlinops import losses
 from curvlinops._base import IdentityLinearOperator, LinearOperator
+from curvlinops._memory import MemoryEstimate
 from curvlinops._operand import ConvergenceError, ConvergenceWarning
 from curvlinops.backends._cupy import to_cupyx
 from curvlinops.diagonal import DiagonalLinearOperator, GGNDiagonalLinearOperator
@@ -14,6 +15,7 @@ from curvlinops.directional import rayleigh_quotient, transformation_tangent
 from curvlinops.eigen import (
     MemoryBudgetError,
     eigsh,
+    eigsh_memory,
     lanczos,
     max_stable_learning_rate,
     sharpness,
@@ -82,11 +84,13 @@ __all__ = [
     "LanczosApproximateSpectrumCached",
     "LinearOperator",
     "MemoryBudgetError",
+    "MemoryEstimate",
     "NeumannInverseLinearOperator",
     "ResponseJacobianLinearOperator",
     "SubmatrixLinearOperator",
     "TransposedJacobianLinearOperator",
     "eigsh",
+    "eigsh_memory",
     "gradient_and_loss",
     "hutchinson_diag",
     "hutchinson_diagonal",

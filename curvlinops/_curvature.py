@@ -13,6 +13,7 @@ linearization for later products (``cache=``, :mod:`curvlinops._linearization`).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -21,6 +22,7 @@ import numpy as np
 from curvlinops._base import LinearOperator
 from curvlinops._checks import type_error, value_error
 from curvlinops._linearization import LinearizationCache, check_cache_options
+from curvlinops._memory import MemoryEstimate, operator_memory
 from curvlinops._tracing import compiled_method
 from curvlinops.backends import make_backend
 
@@ -136,6 +138,89 @@ class CurvatureOperator(LinearOperator):
     def clear_cache(self) -> None:
         """Forget the kept linearizations (the next product builds them again)."""
         self._cache.clear()
+
+    # --- memory -----------------------------------------------------------------
+    def memory_estimate(self, num_columns: int = 1, *, adjoint: bool = False) -> MemoryEstimate:
+        """What a product ``A @ X`` with ``num_columns`` columns will need, part by part.
+
+        Parameters; input and output columns; the parameter-space intermediates
+        of a pass; the model's activations for one product on the largest batch;
+        the kept linearizations (bytes held now, and what the cache may still
+        keep). Activations are measured on the first call and remembered:
+        PyTorch, the bytes autograd saves in one forward pass, scaled per
+        operator kind (:data:`curvlinops._memory.ACTIVATION_FACTORS`); JAX, XLA's
+        memory analysis of the compiled product (one extra compilation). Nothing
+        runs at construction or in products. The Krylov methods check these parts
+        against the available memory before they start.
+
+        Args:
+            num_columns: Columns of ``X``.
+            adjoint: The estimate of ``Aᵀ @ X`` instead.
+
+        Returns:
+            A :class:`~curvlinops.MemoryEstimate`; ``held`` names the parts that are
+            allocated already.
+
+        Raises:
+            TypeError: ``num_columns`` is not an int.
+            ValueError: ``num_columns`` is not positive.
+        """
+        num_columns = _check_positive_int(num_columns, "num_columns")
+        return operator_memory(self, num_columns, bool(adjoint) and not self.is_symmetric)
+
+    def _forward_saved_bytes(self) -> tuple[int, int, int]:
+        """``(bytes, batch size, batches)``: what a forward pass on the largest batch saves.
+
+        Of the loss (of the model for a Jacobian); measured once (a forward pass,
+        PyTorch; abstract, JAX).
+        """
+        measured = _MEASURED.setdefault(self, {})
+        if "forward" not in measured:
+            b, nbytes, size = self.backend, 0, 0
+            batch = self._largest_batch()
+            if batch is not None:
+                _, X, y, size = batch
+                if self._loss is None:
+                    nbytes = b.saved_bytes(lambda p: b.model_fn(p, X), b.primals)
+                else:
+                    loss = self._loss
+                    nbytes = b.saved_bytes(lambda p: loss.value(b, b.model_fn(p, X), y), b.primals)
+            batches = sum(1 for n in self._batch_sizes if n > 0)
+            measured["forward"] = (int(nbytes), int(size), batches)
+        return measured["forward"]
+
+    def _compiled_product_bytes(self, columns: int, adjoint: bool) -> int | None:
+        """XLA's temporary bytes of the product on the largest batch (``None``: not compiled)."""
+        b = self.backend
+        if not (b.compiles and hasattr(b, "compiled_memory")):
+            return None
+        measured = _MEASURED.setdefault(self, {})
+        key = ("compiled", columns, adjoint)
+        if key not in measured:
+            measured[key] = None
+            batch = self._largest_batch()
+            if batch is not None:
+                index, X, y, n = batch
+                size = self.shape[0] if adjoint else self.shape[1]
+                # a view of one zero: V's shape and dtype, no memory
+                V = np.broadcast_to(np.zeros((), b.dtype), (size, columns))
+                product = self._batch_rmatmat if adjoint else self._batch_matmat
+                operand = self._batch_operand(V, index, adjoint)
+                extras = self._batch_extras(index, X, n)
+                stats = b.compiled_memory(product, b.primals, X, y, operand, *extras)
+                measured[key] = None if stats is None else stats["temp"]
+        return measured[key]
+
+    def _largest_batch(self) -> tuple[int, Any, Any, int] | None:
+        """``(index, X, y, n)`` of the largest non-empty batch (``None``: no data here)."""
+        sizes = self._batch_sizes
+        if not sizes or max(sizes) == 0:
+            return None
+        largest = int(np.argmax(sizes))
+        for batch in self._batches("curvlinops: memory estimate"):
+            if batch[0] == largest:
+                return batch
+        return None
 
     # --- products -------------------------------------------------------------
     def _compiled(self, name: str, data_args: tuple[int, ...] = (1, 2)) -> Callable:
@@ -442,6 +527,11 @@ class CurvatureOperator(LinearOperator):
                 f"{type(self).__name__}: two products with the same vector differ. Is the "
                 "model or the loss random? Pass check_deterministic=False to skip this check."
             )
+
+
+_MEASURED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""Per operator: its measured activations (kept off the operator, whose attributes
+key the shared compilations, see :mod:`curvlinops._tracing`)."""
 
 
 def map_columns(backend: Any, column: Callable[[Any], Any], V: Any) -> Any:

@@ -15,6 +15,11 @@ live when the call starts: host memory (``psutil`` if installed, else
 ``/proc/meminfo``, else ``os.sysconf``) or the free memory of the GPU. The other
 half stays for the products (the model's activations) and for the caller.
 
+What a product needs counts against the available memory as well: curvature
+operators estimate it themselves (``A.memory_estimate``, :func:`operator_memory`:
+columns, intermediates, the model's activations on the largest batch, the kept
+linearizations), other operators by their input and output columns.
+
 No framework is imported here: device memory is read through the device object
 of an array (JAX) or the already loaded library (PyTorch, CuPy).
 """
@@ -37,6 +42,7 @@ __all__ = [
     "available_memory",
     "default_memory_budget",
     "format_bytes",
+    "operator_memory",
     "product_memory",
     "resolve_budget",
 ]
@@ -46,7 +52,15 @@ DEFAULT_BUDGET_FRACTION = 0.5
 
 
 class MemoryBudgetError(MemoryError):
-    """A call would need more memory than its budget or than is available."""
+    """A call would need more memory than its budget or than is available.
+
+    Attributes:
+        estimate: The :class:`MemoryEstimate` that did not fit (``None`` if unknown).
+    """
+
+    def __init__(self, message: str, estimate: MemoryEstimate | None = None) -> None:
+        super().__init__(message)
+        self.estimate = estimate
 
 
 def format_bytes(num_bytes: float) -> str:
@@ -77,6 +91,14 @@ class MemoryEstimate:
     fixes: list[str] = field(default_factory=list)
     outside_budget: dict[str, int] = field(default_factory=dict)
     """Parts that count against the available memory only (the operator's products)."""
+    held: tuple[str, ...] = ()
+    """Parts allocated already (parameters, kept linearizations): in :attr:`total`,
+    but not in what the call still takes from the available memory."""
+
+    @property
+    def needed(self) -> int:
+        """The parts still to be allocated (the total less the :attr:`held` parts)."""
+        return int(sum(b for name, b in self.parts.items() if name not in self.held))
 
     @property
     def total(self) -> int:
@@ -93,7 +115,7 @@ class MemoryEstimate:
         if self.budget is not None and self.total > self.budget:
             return False
         outside = sum(self.outside_budget.values())
-        return self.available is None or self.total + outside <= self.available
+        return self.available is None or self.needed + outside <= self.available
 
     def check(self) -> None:
         """Raise :class:`MemoryBudgetError` when the total exceeds the budget or what is free.
@@ -106,18 +128,25 @@ class MemoryEstimate:
         if self.budget is not None and self.total > self.budget:
             raise MemoryBudgetError(
                 f"{self.what}: needs {self.describe()}, more than memory_budget = "
-                f"{format_bytes(self.budget)}. {fixes}".rstrip()
+                f"{format_bytes(self.budget)}. {fixes}".rstrip(),
+                self,
             )
         outside = sum(self.outside_budget.values())
-        if self.available is not None and self.total + outside > self.available:
+        if self.available is not None and self.needed + outside > self.available:
             products = ", ".join(
                 f"{name} {format_bytes(b)}" for name, b in self.outside_budget.items()
             )
+            if any(name.startswith("activations") for name in self.outside_budget):
+                fixes += (
+                    " Smaller data batches lower the activations; cache_memory= or "
+                    "cache=False bounds the kept linearizations."
+                )
             raise MemoryBudgetError(
                 f"{self.what}: needs {self.describe()}"
                 + (f" plus {products}" if products else "")
                 + f", more than the {format_bytes(self.available)} of {self.where} memory "
-                f"available now. {fixes}".rstrip()
+                f"available now. {fixes}".rstrip(),
+                self,
             )
 
     def as_dict(self) -> dict[str, Any]:
@@ -129,6 +158,7 @@ class MemoryEstimate:
             "outside_budget": dict(self.outside_budget),
             "available": self.available,
             "where": self.where,
+            "held": list(self.held),
         }
 
 
@@ -222,14 +252,46 @@ def where(device: Any) -> str:
 
 
 # --- what a product needs ------------------------------------------------------------------
+PARAMETERS = "parameters"
+CACHE_HELD = "kept linearizations (held)"
+CACHE_MORE = "kept linearizations (may still keep)"
+
+ACTIVATION_FACTORS: dict[str, tuple[float, float]] = {
+    "HessianLinearOperator": (3.0, 0.6),
+    "GGNLinearOperator": (2.5, 0.6),
+    "EFLinearOperator": (2.5, 0.6),
+    "FisherMCLinearOperator": (2.5, 0.6),
+    "JacobianLinearOperator": (1.0, 0.6),
+}
+"""Activations of one product, as multiples ``(first column, each further column of a
+pass)`` of the bytes autograd saves in a forward pass of the loss (of the model for a
+Jacobian), on the largest batch.
+
+Measured (PyTorch, float32, benchmarks/problems.py, peak RSS growth of a repeated
+product without cache, less its input, output and intermediates): Hessian 1.4 (MLP)
+and 3.0 (transformer) forward passes for one column, 4.6 and 15 for 16; GGN/EF 0.9
+and 2.3 for one, 9.3 and 19 for 16; Jacobian 1.0 and 0.7 for one, 9.6 and 5.7 for
+16. The factors over-estimate the MLP's wide passes by up to 2.6x and under-estimate
+the transformer's GGN by 0.6x; the kept linearization of a batch (``graph_bytes``)
+was 1.6-2.3 forward passes.
+"""
+
+DEFAULT_ACTIVATION_FACTORS = (3.0, 0.6)
+"""For operators not in :data:`ACTIVATION_FACTORS` (the largest, the Hessian's)."""
+
+LINEARIZATION_FACTOR = 2.0
+"""Bytes a batch's kept linearization takes, in forward passes, until one is kept
+(measured 1.6-2.3, see :data:`ACTIVATION_FACTORS`)."""
+
+
 def product_memory(A: Any, num_columns: int = 1) -> dict[str, int]:
     """Bytes a product ``A @ X`` with ``num_columns`` columns allocates, as far as known.
 
-    Counted: the input and output columns, and for curvature operators the
-    parameter-space vectors of the columns that run together (tangents,
-    gradients and the product, three per column and pass of
-    ``columns_per_pass``). Not counted: the model's activations for a batch,
-    which depend on the model (measure one product to learn them).
+    Curvature operators say it themselves (``A.memory_estimate``): columns,
+    intermediates, the model's activations on the largest batch, and what the
+    cache of linearizations may still keep; the parts already allocated
+    (parameters, linearizations kept now) are left out. Other operators: the input
+    and output columns only.
 
     Args:
         A: An operator of this library, a scipy operator or a matrix.
@@ -238,7 +300,29 @@ def product_memory(A: Any, num_columns: int = 1) -> dict[str, int]:
     Returns:
         Bytes per part.
     """
+    estimate = _operator_estimate(A, num_columns)
+    if estimate is not None:
+        return {name: b for name, b in estimate.parts.items() if name not in estimate.held}
     rows, columns = A.shape
+    return _column_parts(A, rows, columns, num_columns)
+
+
+def _operator_estimate(A: Any, num_columns: int) -> MemoryEstimate | None:
+    """``A.memory_estimate(num_columns)``; a transposed Jacobian asks its Jacobian."""
+    if callable(getattr(A, "_forward_saved_bytes", None)):
+        return operator_memory(A, num_columns, compiled=False)
+    jacobian = getattr(A, "jacobian", None)  # TransposedJacobianLinearOperator
+    if callable(getattr(jacobian, "_forward_saved_bytes", None)):
+        return operator_memory(jacobian, num_columns, adjoint=True, compiled=False)
+    return None
+
+
+def _column_parts(A: Any, rows: int, columns: int, num_columns: int) -> dict[str, int]:
+    """Input and output columns, and the intermediates of curvature operators.
+
+    Three ``(P,)`` vectors (tangents, gradients, the product) per column of a pass
+    of ``columns_per_pass``.
+    """
     itemsize = _itemsize(A)
     parts = {"product input and output": int((rows + columns) * num_columns * itemsize)}
     per_pass = getattr(A, "columns_per_pass", None)
@@ -246,6 +330,70 @@ def product_memory(A: Any, num_columns: int = 1) -> dict[str, int]:
         together = min(per_pass, num_columns)
         parts["product intermediates"] = int(3 * together * columns * itemsize)
     return parts
+
+
+def operator_memory(
+    op: Any, num_columns: int, adjoint: bool = False, compiled: bool = True
+) -> MemoryEstimate:
+    """What one product of a curvature operator with ``num_columns`` columns needs.
+
+    ``op`` is a :class:`~curvlinops._curvature.CurvatureOperator`. Activations:
+    XLA's temporary bytes of the compiled product (``op._compiled_product_bytes``;
+    JAX, when ``compiled``), which hold the intermediates too, else the bytes a
+    forward pass saves (``op._forward_saved_bytes``) scaled by
+    :data:`ACTIVATION_FACTORS`. The solvers ask without ``compiled``: the analysis
+    costs a compilation of the product (seconds for a transformer) in every new
+    operator, the forward pass's bytes an abstract trace.
+    """
+    rows, columns = op.shape[::-1] if adjoint else op.shape
+    together = min(op.columns_per_pass, num_columns)
+    parts = {PARAMETERS: int(op.num_params * _itemsize(op))}
+    parts.update(_column_parts(op, rows, columns, num_columns))
+    forward, batch, batches = op._forward_saved_bytes()
+    compiled = op._compiled_product_bytes(together, adjoint) if compiled else None
+    label = f"activations (batch of {batch}, {together} column(s) per pass"
+    if compiled is not None:
+        del parts["product intermediates"]
+        parts[f"{label}, with intermediates: compiled)"] = compiled
+    else:
+        first, further = _factors(op)
+        parts[f"{label})"] = int(forward * (first + further * (together - 1)))
+    parts[CACHE_HELD], parts[CACHE_MORE] = _cache_parts(op.cache_info(), forward, batches)
+    device = op.backend.device
+    return MemoryEstimate(
+        f"{type(op).__name__} product",
+        parts,
+        None,
+        available_memory(device),
+        where(device),
+        held=(PARAMETERS, CACHE_HELD),
+    )
+
+
+def _factors(op: Any) -> tuple[float, float]:
+    for kind in type(op).__mro__:
+        if kind.__name__ in ACTIVATION_FACTORS:
+            return ACTIVATION_FACTORS[kind.__name__]
+    return DEFAULT_ACTIVATION_FACTORS
+
+
+def _cache_parts(info: dict[str, Any], forward_bytes: int, batches: int) -> tuple[int, int]:
+    """Bytes kept now, and the bytes the cache may still keep.
+
+    The latter: ``min(budget - kept, per-batch size x batches not yet seen)``, the
+    per-batch size that of the largest batch kept, else :data:`LINEARIZATION_FACTOR`
+    forward passes of the largest batch.
+    """
+    kept = int(info["nbytes"])
+    if info["mode"] is False:
+        return kept, 0
+    sizes = info["nbytes_per_batch"].values()
+    per_batch = max(sizes) if sizes else int(LINEARIZATION_FACTOR * forward_bytes)
+    unseen = max(0, batches - len(info["batches"]) - len(info["recomputed"]))
+    more = per_batch * unseen
+    if info["budget"] is not None:
+        more = min(more, int(info["budget"]) - kept)
+    return kept, max(0, more)
 
 
 def _itemsize(A: Any) -> int:

@@ -85,7 +85,7 @@ class Operand:
         self._matmat, self._rmatmat = matmat, rmatmat
         # pure functions of native arrays: jax.jit for JAX operators, as is otherwise
         self.compile: Callable[[Callable], Callable] = (
-            (lambda f: f) if backend is None else backend.compile
+            (lambda f, **_: f) if backend is None else backend.compile
         )
         # an array of the native library, for device and dtype of new arrays
         self._like = like
@@ -175,6 +175,11 @@ class Operand:
     def index(self, host: np.ndarray) -> Any:
         """Host integers as a native ``int64`` index array."""
         return self.xp.asarray(np.asarray(host, dtype=np.int64), device=self.device)
+
+    @property
+    def memory_device(self) -> Any:
+        """Where the arrays take memory (``None``: host memory, numpy)."""
+        return None if self.library == "numpy" else self.device
 
     @property
     def native_dtype(self) -> Any:

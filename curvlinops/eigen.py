@@ -16,6 +16,7 @@ is stable if and only if :math:`\alpha < 2 / \lambda_{\max}`
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from typing import Any, NamedTuple
@@ -52,6 +53,7 @@ __all__ = [
     "LanczosResult",
     "MemoryBudgetError",
     "eigsh",
+    "eigsh_memory",
     "lanczos",
     "max_stable_learning_rate",
     "sharpness",
@@ -69,6 +71,10 @@ IMMUTABLE_WORK_VECTORS = 6
 ARPACK_WORK_VECTORS = 6
 """ARPACK's work arrays besides its basis: ``resid``, ``workd`` (3 vectors) and the
 two vectors scipy's operator call converts."""
+DGKS_RATIO = 0.7071067811865476
+"""Orthogonalise a Krylov vector again when one pass shrank it below this share
+(Daniel, Gragg, Kaufman and Stewart, 1976; ARPACK's 0.717)."""
+
 ACCURATE_BLOCK = 1 << 14
 """Length of the blocks whose inner products are summed in float64 (see :func:`_inner`)."""
 MIN_EXTRA_VECTORS = 3
@@ -203,10 +209,10 @@ def lanczos_memory(
     """What :func:`lanczos` allocates for ``num_vectors`` start vectors of ``num_steps`` steps.
 
     The basis buffer (``num_vectors * num_steps`` vectors; twice that for immutable
-    arrays such as JAX's, whose every update makes a new buffer) and the work
+    arrays updated eagerly, see :func:`_copies`) and the work
     vectors; the products' own memory counts against the available memory only.
     """
-    budget, available = resolve_budget(memory_budget, _device_of(op))
+    budget, available = resolve_budget(memory_budget, op.memory_device)
     vector = op.shape[0] * op.dtype.itemsize
     parts = {}
     if keep:
@@ -223,19 +229,23 @@ def lanczos_memory(
         parts,
         budget,
         available,
-        where(_device_of(op)),
+        where(op.memory_device),
         outside_budget=product_memory(op.source, num_vectors),
     )
 
 
-def _device_of(op: Operand) -> Any:
-    """The operand's device, ``None`` for numpy."""
-    return None if op.library == "numpy" else op.device
-
-
 def _copies(op: Operand) -> int:
-    """Buffers alive per basis: 1 where arrays are updated in place, 2 for immutable arrays."""
-    return 1 if array_api_compat.is_writeable_array(op.zeros((1,))) else 2
+    """Buffers alive per basis: 1 where arrays are updated in place, 2 for immutable arrays.
+
+    JAX's arrays are immutable, but the compiled updates of a donated basis
+    (``.at[...].set``; restarts: ``JaxBackend.rotate_rows``) write in place: 1
+    for the operators of a JAX backend, 2 for dense JAX arrays (evaluated eagerly).
+    """
+    zeros = op.zeros((1,))
+    if array_api_compat.is_writeable_array(zeros):
+        return 1
+    compiled = op.backend is not None and op.backend.compiles
+    return 1 if compiled and hasattr(zeros, "at") else 2
 
 
 def _start_vectors(op: Operand, v0: Any, seed: int) -> tuple[Any, bool]:
@@ -277,7 +287,8 @@ def _lanczos(
     writeable = basis is not None and array_api_compat.is_writeable_array(basis)
     accurate = array_api_compat.is_writeable_array(Q0)  # evaluated eagerly: not JAX
     step_fn = _lanczos_update(xp, op.eps * math.sqrt(n), reorthogonalize, keep, writeable, accurate)
-    update = step_fn if writeable else op.compile(step_fn)
+    # the basis (argument 4) is replaced by the result: JAX may write its new row in place
+    update = step_fn if writeable else op.compile(step_fn, donate_args=(4,) if keep else ())
     positions = xp.arange(num_steps, device=op.device)
     q, q_prev = Q0, xp.zeros_like(Q0)
     beta = xp.zeros_like(Q0[0, ...])
@@ -299,6 +310,7 @@ def _lanczos(
     return alphas_out, betas_out, basis if keep_basis else None
 
 
+@functools.cache  # one function per setting: JAX compiles it once, not once per call
 def _lanczos_update(
     xp: Any, tolerance: float, reorthogonalize: bool, keep: bool, writeable: bool, accurate: bool
 ) -> Any:
@@ -327,6 +339,8 @@ def _add_row(xp: Any, basis: Any, positions: Any, index: Any, q: Any, writeable:
     if writeable:
         basis[:, index, :] = xp.matrix_transpose(q)
         return basis
+    if hasattr(basis, "at"):  # JAX's functional update: in place when the buffer is donated
+        return basis.at[:, index, :].set(xp.matrix_transpose(q))
     onehot = xp.astype(positions == index, basis.dtype)
     return basis + onehot[None, :, None] * xp.matrix_transpose(q)[:, None, :]
 
@@ -426,8 +440,8 @@ def eigsh(
     ``ncv`` is given, shrinks the basis from its default until that fits
     ``memory_budget`` (down to ``k + 3`` vectors; a smaller basis needs more
     restarts, not more memory). Restarts rewrite the basis in place (in blocks of
-    columns) where arrays are writeable; JAX arrays are immutable, so there every
-    update holds two copies of the basis, which the estimate counts. When even
+    columns); JAX arrays are immutable, but the compiled steps and restarts take
+    the basis as a donated buffer and XLA updates it in place too. When even
     the smallest basis does not fit, a :class:`MemoryBudgetError` says what is
     needed, what is available and which options lower it.
 
@@ -457,10 +471,12 @@ def eigsh(
             ``basis_bytes``, ``estimated_bytes`` (and its ``parts``),
             ``memory_budget``, ``available``, ``restarts``, ``products``, ``tol``,
             ``converged``, and per returned eigenpair (ascending) ``residuals``
-            :math:`\|A y - \theta y\|` (the Lanczos estimate, exact up to rounding
-            with a reorthogonalised basis; for ARPACK computed with ``k`` extra
-            products when eigenvectors are returned) and ``relative_residuals``
-            (divided by :math:`|\theta|`).
+            :math:`\|A y - \theta y\|` and ``relative_residuals`` (divided by
+            :math:`|\theta|`): computed with ``k`` extra products when eigenvectors
+            are returned (the native solver's own Lanczos estimates then in
+            ``estimated_residuals``; a computed residual over ``tol`` makes
+            ``converged`` false and warns or raises as ``on_failure`` says),
+            else the Lanczos estimates.
 
     Returns:
         The eigenvalues ``(k,)`` in ascending order, and if ``return_eigenvectors``
@@ -506,6 +522,8 @@ def eigsh(
         result, info = _eigsh_native(
             op, handover, seed, bool(return_eigenvectors), on_failure, **options
         )
+        if return_info and return_eigenvectors:
+            _check_computed_residuals(op, result, info, on_failure)
     else:
         cupy = _cupy.is_cupy_operator(op.source)
         solver = _cupy.eigsh if cupy else scipy.sparse.linalg.eigsh
@@ -516,6 +534,52 @@ def eigsh(
     info.update(ncv=options["ncv"], **estimate.as_dict())
     info["basis_bytes"] = _copies(op) * options["ncv"] * op.shape[0] * op.dtype.itemsize
     return (*result, info) if return_eigenvectors else (result, info)
+
+
+def eigsh_memory(
+    A: Any,
+    k: int = 6,
+    which: str = "LM",
+    *,
+    ncv: int | None = None,
+    return_eigenvectors: bool = True,
+    memory_budget: float | None = None,
+) -> MemoryEstimate:
+    """What :func:`eigsh` with these arguments would allocate, without running it.
+
+    The basis size :func:`eigsh` would choose for ``memory_budget``, the parts
+    of the solver's own arrays (basis, work vectors, eigenvectors) and, in
+    ``outside_budget``, what one product needs (for this library's curvature
+    operators: columns, the model's activations on the largest batch and the
+    linearizations the cache may keep, see ``A.memory_estimate``). Nothing is
+    multiplied; a curvature operator runs one forward pass (PyTorch) or traces
+    one (JAX) to size its activations.
+
+    Args:
+        A, k, which, ncv, return_eigenvectors, memory_budget: As for :func:`eigsh`.
+
+    Returns:
+        A :class:`~curvlinops.MemoryEstimate`: ``fits()`` says whether the call
+        would run, ``describe()`` lists the parts, ``fixes`` what lowers them.
+
+    Example:
+        >>> import numpy as np
+        >>> from curvlinops.eigen import eigsh_memory
+        >>> estimate = eigsh_memory(np.eye(1000), k=3, memory_budget=2e5)
+        >>> estimate.fits(), list(estimate.parts)[0]  # the default 20 vectors do not fit
+        (True, 'basis (16 vectors)')
+        >>> eigsh_memory(np.eye(1000), k=3, memory_budget=1e5).fits()
+        False
+    """
+    op = as_operand(A)
+    options = _eigsh_options(op.shape[0], k, which, ncv, None, None)
+    native = not (_cupy.is_cupy_operator(op.source) or op.library == "numpy")
+    try:
+        return _plan_basis(
+            op, options["k"], options["ncv"], memory_budget, bool(return_eigenvectors), native
+        )[1]
+    except MemoryBudgetError as error:
+        return error.estimate
 
 
 def _default_ncv(n: int, k: int) -> int:
@@ -529,13 +593,15 @@ def _plan_basis(
     """The basis size and the memory estimate of an ``eigsh`` call, checked.
 
     A given ``ncv`` is kept (and refused if it does not fit); the default shrinks
-    to the largest size that fits the budget, but not below ``k + 3``.
+    to the largest size that fits the budget and, with what a product needs, the
+    memory available, but not below ``k + 3``.
     """
     n = op.shape[0]
-    budget, available = resolve_budget(memory_budget, _device_of(op))
+    budget, available = resolve_budget(memory_budget, op.memory_device)
     vector = n * op.dtype.itemsize
     copies = _copies(op) if native else 1
-    work = {1: NATIVE_WORK_VECTORS, 2: IMMUTABLE_WORK_VECTORS}[copies]
+    writeable = array_api_compat.is_writeable_array(op.zeros((1,)))
+    work = NATIVE_WORK_VECTORS if writeable or not native else IMMUTABLE_WORK_VECTORS
     outside = product_memory(op.source, 1)
 
     def estimate(size: int) -> MemoryEstimate:
@@ -549,12 +615,13 @@ def _plan_basis(
             parts[f"eigenvectors ({k}, after the work vectors)"] = k * vector
         else:
             parts["work vectors"] = work * vector
-        return MemoryEstimate("eigsh", parts, budget, available, where(_device_of(op)),
+        return MemoryEstimate("eigsh", parts, budget, available, where(op.memory_device),
                               outside_budget=outside)  # fmt: skip
 
     if ncv is None:
         ncv, smallest = _default_ncv(n, k), min(n, k + MIN_EXTRA_VECTORS)
-        while ncv > smallest and budget is not None and estimate(ncv).total > budget:
+        # within the budget, and with the products within what is available
+        while ncv > smallest and not estimate(ncv).fits():
             ncv -= 1
         single = " or compute in float32" if op.dtype.itemsize > 4 else ""
         fixes = (
@@ -627,14 +694,25 @@ def _library_info(
     info: dict[str, Any] = {"solver": "ARPACK", "tol": options["tol"] or 0.0}
     if not (return_info and return_eigenvectors):
         return info
-    values, vectors = result
-    xp = array_api_compat.array_namespace(vectors)
-    residuals = xp.linalg.vector_norm(op.matmat(vectors) - vectors * values, axis=0)
-    host_values, host_residuals = op.to_host(values), op.to_host(residuals)
-    info["residuals"] = host_residuals.tolist()
-    info["relative_residuals"] = _relative(host_residuals, host_values).tolist()
+    info.update(_computed_residuals(op, *result))
     info["products"] = None  # ARPACK's own count is not reported by scipy
     return info
+
+
+def _computed_residuals(op: Operand, values: Any, vectors: Any) -> dict[str, list[float]]:
+    """``||A y - theta y||`` and its ratio to ``|theta|`` per pair, one product each.
+
+    Column by column: two vectors beside the eigenvectors, not two ``(n, k)`` arrays.
+    """
+    xp = op.xp
+    host_values = np.asarray(op.to_host(values), np.float64)
+    residuals = []
+    for i in range(host_values.shape[0]):
+        y = vectors[:, i : i + 1]
+        r = op.matmat(y) - y * values[i]
+        residuals.append(float(op.to_host(xp.linalg.vector_norm(r))))
+    host = np.asarray(residuals)
+    return {"residuals": host.tolist(), "relative_residuals": _relative(host, host_values).tolist()}
 
 
 def _relative(residuals: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -659,7 +737,10 @@ class _Krylov:
         self.positions = op.xp.arange(ncv, device=op.device)
         self.writeable = array_api_compat.is_writeable_array(self.V)
         update = _krylov_update(op.xp, self.writeable)
-        self._update = update if self.writeable else op.compile(update)
+        # V and H (arguments 0, 1) are replaced by the results: JAX updates them in place
+        self._update = update if self.writeable else op.compile(update, donate_args=(0, 1))
+        # JAX: restarts rotate the (donated) basis in place, see JaxBackend.rotate_rows
+        self._rotate = getattr(op.backend, "rotate_rows", None) if not self.writeable else None
         self.size = 0
         self.next, self.resid = start, 0.0
         self.anorm = 0.0
@@ -686,9 +767,7 @@ class _Krylov:
             self.next, self.resid = None, 0.0
         elif float(norms[1]) > self.op.eps * math.sqrt(n) * self.anorm:
             if self.writeable:  # w is this step's own array: scaled in place
-                w /= float(norms[1])
-            else:
-                w = w / float(norms[1])
+                w /= float(norms[1])  # (the compiled update returns it scaled)
             self.next, self.resid = w, float(norms[1])
         else:  # invariant subspace found: continue with a fresh direction
             self.next, self.resid = self._fresh_direction(), 0.0
@@ -723,6 +802,8 @@ class _Krylov:
         S_keep = xp.take(S, index, axis=1) * mask[None, :]
         if array_api_compat.is_writeable_array(self.V):
             _rotate_in_place(self.V, xp.matrix_transpose(S_keep))
+        elif self._rotate is not None:
+            self.V = self._rotate(self.V, xp.matrix_transpose(S_keep))
         else:
             self.V = xp.matrix_transpose(S_keep) @ self.V
         self.H = op.eye(self.ncv) * (xp.take(theta, index) * mask)[None, :]
@@ -743,6 +824,7 @@ def _rotate_in_place(V: Any, R: Any) -> None:
         V[:, start : start + width] = R @ V[:, start : start + width]
 
 
+@functools.cache  # one function per setting: JAX compiles it once, not once per call
 def _krylov_update(xp: Any, writeable: bool) -> Any:
     """Vector arithmetic of a Krylov step after the product ``w = A v``.
 
@@ -757,6 +839,8 @@ def _krylov_update(xp: Any, writeable: bool) -> Any:
         w_in = w
         if writeable:  # row `index` holds v already (see _Krylov.step)
             filled = V[: index + 1, :]
+        elif hasattr(V, "at"):  # JAX: in place, V being donated
+            V = filled = V.at[index, :].set(v)
         else:
             e = xp.astype(positions == index, V.dtype)
             V = V + e[:, None] * v[None, :]
@@ -764,18 +848,26 @@ def _krylov_update(xp: Any, writeable: bool) -> Any:
         if writeable:  # eager: float64-summed blocks (see _inner); in place after a copy
             h = _inner(xp, filled, w[:, None])[:, 0]
             w = w - h @ filled  # a new array: the product's result may be shared
-            h2 = _inner(xp, filled, w[:, None])[:, 0]
-            w -= h2 @ filled
-            h = h + h2
-            H[: index + 1, index] = h
+            norm_in = xp.linalg.vector_norm(w_in)
             norm_w = xp.sqrt(_inner(xp, w[None, :], w[:, None])[0, 0])
-            return V, H, w, xp.stack([xp.linalg.vector_norm(w_in), norm_w])
+            # A second pass only where the first cancelled much of w (DGKS, as
+            # ARPACK): it is 2 of the step's 5 passes over the basis.
+            if float(norm_w) < DGKS_RATIO * float(norm_in):
+                h2 = _inner(xp, filled, w[:, None])[:, 0]
+                w -= h2 @ filled
+                h = h + h2
+                norm_w = xp.sqrt(_inner(xp, w[None, :], w[:, None])[0, 0])
+            H[: index + 1, index] = h
+            return V, H, w, xp.stack([norm_in, norm_w])
         h = filled @ w
         w = w - h @ filled
         h2 = filled @ w
         w, h = w - h2 @ filled, h + h2
-        H = H + h[:, None] * e[None, :]
-        return V, H, w, xp.stack([xp.linalg.vector_norm(w_in), xp.linalg.vector_norm(w)])
+        H = H.at[:, index].set(h) if hasattr(H, "at") else H + h[:, None] * e[None, :]
+        norm_w = xp.linalg.vector_norm(w)
+        # scaled here (one dispatch less); after a breakdown the caller discards it
+        w = w / xp.where(norm_w > 0, norm_w, xp.ones_like(norm_w))
+        return V, H, w, xp.stack([xp.linalg.vector_norm(w_in), norm_w])
 
     return update
 
@@ -842,6 +934,33 @@ def _eigsh_native(
     # V has ncv rows, all in use: the Ritz vectors are V^T S[:, wanted]
     vectors = xp.matrix_transpose(krylov.V) @ xp.take(S, index, axis=1)
     return (values, vectors), info
+
+
+def _check_computed_residuals(op: Operand, result: Any, info: dict, on_failure: str) -> None:
+    """Replace the Lanczos residual estimates in ``info`` by computed ones (``k`` products).
+
+    The estimate assumes an orthonormal basis; in float32 over tens of millions of
+    entries rounding undoes some of the orthogonality (JAX's compiled steps sum in
+    float32), and the computed residual of a GPT-2-sized Hessian came out up to
+    1.4x the estimate. A pair over ``tol`` after all is reported as not converged.
+    """
+    info["estimated_residuals"] = info["residuals"]
+    info.update(_computed_residuals(op, *result))
+    info["products"] = op.num_products
+    scale = max(np.max(np.abs(np.asarray(op.to_host(result[0]), np.float64))), 1e-300)
+    relative = np.asarray(info["residuals"]) / scale
+    bad = relative > info["tol"]
+    if bad.any() and info["converged"]:
+        info["converged"] = False
+        message = (
+            f"eigsh: the Lanczos estimate said converged, but {int(bad.sum())} computed "
+            f"residual(s) exceed tol: largest {float(relative.max()):.2e} > {info['tol']:.2e} "
+            "(relative to the largest |eigenvalue|; rounding in a long float32 basis). "
+            "Compute in float64, or loosen tol."
+        )
+        if on_failure == "raise":
+            raise ConvergenceError(message)
+        warnings.warn(message, ConvergenceWarning, stacklevel=3)
 
 
 def _report_eigsh_failure(

@@ -171,3 +171,22 @@ def assert_one_line_error(result: subprocess.CompletedProcess, pattern: str) -> 
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("curvlinops: error: ")
     assert re.search(pattern, lines[0]), lines[0]
+
+
+_BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
+_COMPILATIONS = [0, False]  # count, listener registered
+
+
+def jax_compilations() -> int:
+    """XLA compilations so far (``jax.jit`` programs and eager operations' own)."""
+    import jax.monitoring
+
+    if not _COMPILATIONS[1]:
+
+        def count(event, _seconds, **_):
+            if event == _BACKEND_COMPILE:
+                _COMPILATIONS[0] += 1
+
+        jax.monitoring.register_event_duration_secs_listener(count)
+        _COMPILATIONS[1] = True
+    return _COMPILATIONS[0]

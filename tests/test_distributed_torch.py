@@ -95,9 +95,11 @@ def products(ops: dict, rows: slice) -> dict[str, np.ndarray]:
 
     V, U = probes(ops["H"].shape[0])
     U_local = U[rows]
+    HV = ops["H"] @ V  # builds and keeps this process's linearizations (cache="auto")
     return {
-        "HV": ops["H"] @ V,
-        "HV_torch": (ops["H"] @ torch.from_numpy(V)).numpy(),
+        "HV": HV,
+        "HV_torch": (ops["H"] @ torch.from_numpy(V)).numpy(),  # from the kept ones
+        "H_kept": np.array(ops["H"].cache_info()["batches"]),
         "H_sumV": ops["H_sum"] @ V,
         "GV": ops["G"] @ V,
         "JV": ops["J"] @ V,
@@ -287,6 +289,9 @@ def test_products_equal_one_process_over_all_data(world, products_run):
             *("KV", "K_efV", "EV"),
         ):
             assert_close(result[key], expected[key], rtol=1e-10, name=f"rank {rank} {key}")
+        # each process keeps the linearizations of its own non-empty batches
+        own = [i for i, (a, b) in enumerate(LAYOUTS[world][rank]) if b > a]
+        assert result["H_kept"].tolist() == own, (rank, result["H_kept"])
         # parameter-space results are bitwise identical on every process
         for key in ("HV", "GV", "JtU", "eig", "trace", "cg", "KV", "EV"):
             np.testing.assert_array_equal(result[key], results[0][key])

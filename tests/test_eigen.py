@@ -211,6 +211,33 @@ def test_eigsh_native_on_hessian_matches_scipy(backend_name, which):
     np.testing.assert_allclose(overlaps, 1.0, atol=1e-6)
 
 
+def test_jax_krylov_steps_compile_once_and_donate_their_basis():
+    """The step's basis update runs in place (donated buffers) and is compiled once.
+
+    Before, every call compiled its steps anew, and every step copied the whole
+    basis (2.7 ms of a 5 ms product for 20 vectors of 270 k entries).
+    """
+    pytest.importorskip("jax")
+    import warnings
+
+    from helpers import jax_compilations
+
+    problem = build("mlp-ce-mean", "jax")
+    H, dense = operator(problem, "H"), problem.dense["H"]
+    eigsh(H, k=3, which="LA", ncv=8)
+    lanczos(H, 10, seed=1)
+    before = jax_compilations()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. "Some donated buffers were not usable"
+        values, vectors = eigsh(H, k=3, which="LA", ncv=8)
+        result = lanczos(H, 10, seed=1)
+    assert jax_compilations() == before
+    assert_eigenpairs(dense, values, vectors, reference(dense, 3, "LA"), 1e-10)
+    Q = to_numpy(result.basis)
+    np.testing.assert_allclose(Q.T @ Q, np.eye(10), atol=1e-12)
+    np.testing.assert_allclose(Q.T @ dense @ Q, to_numpy(result.tridiagonal()), atol=1e-11)
+
+
 def test_eigsh_finds_repeated_eigenvalues():
     torch = pytest.importorskip("torch")
     # Krylov spaces see one direction per distinct eigenvalue; the solver restarts with

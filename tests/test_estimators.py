@@ -307,6 +307,45 @@ def test_block_size_bounds_the_columns_per_product():
     assert [X.shape[1] for _, X in op.inputs] == [8] * 6 + [2]
 
 
+def test_default_block_fits_a_quarter_of_the_available_memory(monkeypatch):
+    import curvlinops.estimators as estimators
+
+    A = np.diag(np.arange(1.0, 1001.0))
+    exact = hutchinson_trace(A, 40, block_size=32)
+    # 10 probes of 1000 float64 entries, three vectors each, in a quarter of the memory
+    monkeypatch.setattr(estimators, "available_memory", lambda device: 4 * 10 * 3 * 8000)
+    op = Recorder(A)
+    estimate = hutchinson_trace(op, 40)
+    assert [X.shape[1] for _, X in op.inputs] == [10] * 4
+    assert np.allclose(estimate, exact, rtol=1e-13)
+    monkeypatch.setattr(estimators, "available_memory", lambda device: 1)
+    op = Recorder(A)
+    hutchinson_trace(op, 3)
+    assert [X.shape[1] for _, X in op.inputs] == [1] * 3  # one probe at least
+
+
+def test_long_probes_are_drawn_a_few_columns_at_a_time(monkeypatch):
+    """A block of one probe of a long vector drew 32 columns (12.8 GB at 100 M entries)."""
+    import curvlinops.estimators as estimators
+    from curvlinops._operand import Operand
+
+    n = 300_000  # more than 2**22 / 32 entries: 13 columns per draw
+    draws = []
+    random = Operand.random
+
+    def recorded(self, shape, seed, kind="normal"):
+        draws.append(shape)
+        return random(self, shape, seed, kind)
+
+    monkeypatch.setattr(Operand, "random", recorded)
+    d = np.random.default_rng(0).random(n)
+    A = scipy.sparse.diags(d)
+    one_by_one = hutchinson_trace(A, 4, block_size=1, distribution="normal")
+    assert all(np.prod(shape) <= estimators._CHUNK_ENTRIES for shape in draws)
+    together = hutchinson_trace(A, 4, block_size=4, distribution="normal")
+    assert np.allclose(one_by_one, together, rtol=1e-12)  # the same probes either way
+
+
 # --- errors and warnings -------------------------------------------------------------------------
 @pytest.mark.parametrize("estimator", TRACE_ESTIMATORS + DIAGONAL_ESTIMATORS)
 def test_non_square_operand_is_refused(estimator):

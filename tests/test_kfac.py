@@ -17,7 +17,7 @@ import scipy.linalg
 import scipy.sparse.linalg
 
 torch = pytest.importorskip("torch")
-from helpers import assert_close  # noqa: E402
+from helpers import assert_close, jax_compilations  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.func import functional_call, hessian, jacrev  # noqa: E402
 
@@ -1053,25 +1053,6 @@ def test_jax_mc_uses_the_draws_of_fisher_mc():
     assert_close(dense(K), block_diagonal(dense(F), model))
 
 
-_BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
-_COMPILATIONS = [0, False]  # count, listener registered
-
-
-def _compilations() -> int:
-    """XLA compilations so far (``jax.jit`` programs and eager operations' own)."""
-    import jax.monitoring
-
-    if not _COMPILATIONS[1]:
-
-        def count(event, _seconds, **_):
-            if event == _BACKEND_COMPILE:
-                _COMPILATIONS[0] += 1
-
-        jax.monitoring.register_event_duration_secs_listener(count)
-        _COMPILATIONS[1] = True
-    return _COMPILATIONS[0]
-
-
 def _jax_one_datum_ggn(model_func, params, X, y):
     """The dense GGN of cross-entropy (mean) at one datum, in the flat parameter order."""
     import jax
@@ -1107,7 +1088,7 @@ def test_jax_programs_compile_once_per_configuration(operator):
 
     v = rng.normal(size=43)
     for seed in range(2):
-        before = _compilations()
+        before = jax_compilations()
         K = operator(
             model_func, losses.CrossEntropyLoss(), params(seed), data, fisher_type="type-2",
             separate_weight_and_bias=False, check_deterministic=False,
@@ -1115,7 +1096,7 @@ def test_jax_programs_compile_once_per_configuration(operator):
         Kv = K @ v
         inverse = KFACInverseLinearOperator(K, damping=0.5, use_exact_damping=True)
         round_trip = inverse @ (K @ v + 0.5 * v)
-        compilations = _compilations() - before
+        compilations = jax_compilations() - before
         if seed == 0:
             assert compilations > 0  # the counter sees the first operator's programs
         else:

@@ -105,6 +105,30 @@ def test_rotate_in_place_matches_product():
     np.testing.assert_allclose(V, expected, rtol=1e-12, atol=1e-12)
 
 
+def test_jax_rotate_rows_matches_product_and_jax_operators_keep_one_basis():
+    pytest.importorskip("jax")
+    import jax.numpy as jnp
+
+    from curvlinops import HessianLinearOperator
+    from curvlinops.backends import make_backend
+    from curvlinops.losses import MSELoss
+
+    rng = np.random.default_rng(0)
+    R = rng.standard_normal((5, 5))
+    rotate_rows = make_backend(lambda p, X: X, {"w": jnp.zeros(2)}).rotate_rows
+    for n in (23, 25, 3):  # blocks of 5 columns and a rest; exact blocks; narrower than m
+        V = rng.standard_normal((5, n))
+        rotated = rotate_rows(jnp.asarray(V), jnp.asarray(R))
+        np.testing.assert_allclose(np.asarray(rotated), R @ V, rtol=1e-12, atol=1e-12)
+    # an operator of a (compiling) JAX backend: the basis is donated, one copy is counted
+    params = {"w": jnp.asarray(rng.standard_normal((3, 2)))}
+    data = [(jnp.asarray(rng.standard_normal((8, 3))), jnp.asarray(rng.standard_normal((8, 2))))]
+    H = HessianLinearOperator(lambda p, X: X @ p["w"], MSELoss(), params, data)
+    _, _, info = eigsh(H, k=2, which="LA", ncv=5, return_info=True)
+    assert info["basis_bytes"] == 5 * 6 * 8
+    assert not any("x2" in part for part in info["parts"])
+
+
 def test_sharpness_info_and_default_budget():
     A = symmetric_matrix()
     top, info = sharpness(in_library(A, "torch"), return_info=True)
@@ -123,6 +147,55 @@ def test_eigsh_refuses_a_basis_that_does_not_fit():
         eigsh(M, k=4, memory_budget=5 * VECTOR)
     with pytest.raises(MemoryBudgetError, match=r"Lower ncv"):
         eigsh(M, k=4, ncv=30, memory_budget=budget_for(9, 4, "torch"))
+
+
+def test_eigsh_memory_says_what_eigsh_would_take_without_running():
+    torch = pytest.importorskip("torch")
+    from curvlinops import HessianLinearOperator, eigsh_memory
+
+    M = in_library(symmetric_matrix(), "torch")
+    budget = budget_for(9, 4, "torch")
+    estimate = eigsh_memory(M, k=4, which="LM", memory_budget=budget)
+    _, _, info = eigsh(M, k=4, which="LM", memory_budget=budget, return_info=True)
+    assert estimate.fits() and estimate.parts == info["parts"]
+    assert f"basis ({info['ncv']} vectors)" in estimate.parts
+    small = eigsh_memory(M, k=4, memory_budget=5 * VECTOR)
+    assert not small.fits() and "raise memory_budget" in small.fixes[0]
+    with pytest.raises(MemoryBudgetError) as refused:
+        eigsh(M, k=4, memory_budget=5 * VECTOR)
+    assert refused.value.estimate.parts == small.parts
+    # a curvature operator: the product's activations count against what is available
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    data = [(torch.randn(16, 6), torch.randint(0, 3, (16,)))]
+    H = HessianLinearOperator(model, torch.nn.CrossEntropyLoss(), list(model.parameters()), data)
+    estimate = eigsh_memory(H, k=2)
+    assert any(name.startswith("activations") for name in estimate.outside_budget)
+    assert H.cache_info()["builds"] == 0  # no product ran
+
+
+def test_native_eigsh_reports_computed_residuals(monkeypatch):
+    from curvlinops import ConvergenceError, ConvergenceWarning
+
+    A = symmetric_matrix()
+    M = in_library(A, "torch")
+    values, vectors, info = eigsh(M, k=3, which="LA", tol=1e-8, return_info=True)
+    Y, theta = to_numpy(vectors), to_numpy(values)
+    expected = np.linalg.norm(A @ Y - Y * theta, axis=0)
+    np.testing.assert_allclose(info["residuals"], expected, rtol=1e-6, atol=1e-13)
+    assert len(info["estimated_residuals"]) == 3 and info["converged"]
+    # a computed residual over tol (the estimate said converged): reported, not hidden
+    computed = eigen._computed_residuals
+
+    def worse(op, values, vectors):
+        found = computed(op, values, vectors)
+        return {key: [1e3 * r for r in found[key]] for key in found}
+
+    monkeypatch.setattr(eigen, "_computed_residuals", worse)
+    with pytest.warns(ConvergenceWarning, match="computed residual.*exceed tol"):
+        _, _, info = eigsh(M, k=3, which="LA", tol=1e-8, return_info=True)
+    assert not info["converged"]
+    with pytest.raises(ConvergenceError, match="Compute in float64, or loosen tol"):
+        eigsh(M, k=3, which="LA", tol=1e-8, return_info=True, on_failure="raise")
 
 
 def test_refusal_when_less_is_available(monkeypatch):

@@ -172,7 +172,11 @@ class Backend(Protocol):
     """Whether :meth:`compile` compiles (JAX) or hands ``f`` back (PyTorch)."""
 
     def compile(
-        self, f: Callable, data_args: tuple[int, ...] = (), static_args: tuple[int, ...] = ()
+        self,
+        f: Callable,
+        data_args: tuple[int, ...] = (),
+        static_args: tuple[int, ...] = (),
+        donate_args: tuple[int, ...] = (),
     ) -> Callable | None:
         """Compile ``f`` (``jax.jit``; identity for PyTorch).
 
@@ -181,6 +185,9 @@ class Backend(Protocol):
         ``static_args`` are hashable arguments compiled in (``static_argnums``);
         with them, the compiled function is shared by every backend object on
         the same device, or ``None`` where the backend cannot share it.
+        ``donate_args`` are arguments the caller replaces by the results
+        (``donate_argnums``): XLA may update them in place instead of copying
+        (a Krylov basis of hundreds of MB per step); ignored by PyTorch.
         """
 
     # --- data parallelism -------------------------------------------------

@@ -238,6 +238,15 @@ class TorchBackend:
         parts = {id(leaf): _kept_bytes(leaf) for leaf in leaves}
         return int(sum(parts.values()))
 
+    @differentiable_attention()
+    def saved_bytes(self, f: Callable, primal: Any) -> int:
+        """Bytes autograd saves for one forward pass of ``f`` at ``primal`` (activations).
+
+        Distinct storages seen by a saved-tensor hook, parameters not counted; the
+        hook returns each tensor unchanged and the graph is dropped on return.
+        """
+        return _forward_saved_bytes(f, primal)
+
     def can_linearize(self, x: Any) -> bool:
         return not (
             torch.is_inference_mode_enabled()
@@ -251,7 +260,11 @@ class TorchBackend:
     compiles = False
 
     def compile(
-        self, f: Callable, data_args: tuple[int, ...] = (), static_args: tuple[int, ...] = ()
+        self,
+        f: Callable,
+        data_args: tuple[int, ...] = (),
+        static_args: tuple[int, ...] = (),
+        donate_args: tuple[int, ...] = (),
     ) -> Callable:
         return f
 
@@ -275,6 +288,22 @@ def _watched_tensors(model_func: Any, primals: tuple) -> list[torch.Tensor]:
         for t in (*model_func.parameters(), *model_func.buffers()):
             tensors.setdefault((t.data_ptr(), t.shape), t)
     return list(tensors.values())
+
+
+def _forward_saved_bytes(f: Callable, primal: Any) -> int:
+    leaves = tuple(p.detach().requires_grad_(True) for p in primal)
+    parameters = {p.untyped_storage().data_ptr() for p in leaves}
+    storages: dict[int, int] = {}  # addresses and sizes only: no tensor kept alive
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        f(leaves)
+    return int(sum(storages.values()))
 
 
 def _kept_bytes(leaf: Any) -> int:
