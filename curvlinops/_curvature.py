@@ -86,6 +86,11 @@ class CurvatureOperator(LinearOperator):
     # --- what subclasses write ----------------------------------------------
     _vector_products = False
     """Whether the per-batch products also take a ``(P,)`` vector (``map_columns`` does)."""
+    _activation_factors = (3.0, 0.6)
+    """A product's activations in forward passes of the loss (of the model for a
+    Jacobian), ``(first column, each further column of a pass)``; see
+    :func:`curvlinops._memory.operator_memory` for the measurements. The default is
+    the largest kind's, the Hessian's."""
 
     def _shape(self) -> tuple[int, int]:
         return (self.num_params, self.num_params)
@@ -148,7 +153,7 @@ class CurvatureOperator(LinearOperator):
         the kept linearizations (bytes held now, and what the cache may still
         keep). Activations are measured on the first call and remembered:
         PyTorch, the bytes autograd saves in one forward pass, scaled per
-        operator kind (:data:`curvlinops._memory.ACTIVATION_FACTORS`); JAX, XLA's
+        operator kind (``_activation_factors``); JAX, XLA's
         memory analysis of the compiled product (one extra compilation). Nothing
         runs at construction or in products. The Krylov methods check these parts
         against the available memory before they start.

@@ -256,32 +256,21 @@ PARAMETERS = "parameters"
 CACHE_HELD = "kept linearizations (held)"
 CACHE_MORE = "kept linearizations (may still keep)"
 
-ACTIVATION_FACTORS: dict[str, tuple[float, float]] = {
-    "HessianLinearOperator": (3.0, 0.6),
-    "GGNLinearOperator": (2.5, 0.6),
-    "EFLinearOperator": (2.5, 0.6),
-    "FisherMCLinearOperator": (2.5, 0.6),
-    "JacobianLinearOperator": (1.0, 0.6),
-}
-"""Activations of one product, as multiples ``(first column, each further column of a
-pass)`` of the bytes autograd saves in a forward pass of the loss (of the model for a
-Jacobian), on the largest batch.
-
-Measured (PyTorch, float32, benchmarks/problems.py, peak RSS growth of a repeated
-product without cache, less its input, output and intermediates): Hessian 1.4 (MLP)
-and 3.0 (transformer) forward passes for one column, 4.6 and 15 for 16; GGN/EF 0.9
-and 2.3 for one, 9.3 and 19 for 16; Jacobian 1.0 and 0.7 for one, 9.6 and 5.7 for
-16. The factors over-estimate the MLP's wide passes by up to 2.6x and under-estimate
-the transformer's GGN by 0.6x; the kept linearization of a batch (``graph_bytes``)
-was 1.6-2.3 forward passes.
-"""
-
-DEFAULT_ACTIVATION_FACTORS = (3.0, 0.6)
-"""For operators not in :data:`ACTIVATION_FACTORS` (the largest, the Hessian's)."""
+# A product's activations, per operator kind (``_activation_factors`` of the
+# operator classes: Hessian (3.0, 0.6), GGN, EF and MC Fisher (2.5, 0.6), Jacobian
+# (1.0, 0.6)), as multiples (first column, each further column of a pass) of the
+# bytes autograd saves in a forward pass of the loss on the largest batch.
+# Measured (PyTorch, float32, benchmarks/problems.py, peak RSS growth of a repeated
+# product without cache, less its input, output and intermediates): Hessian 1.4 (MLP)
+# and 3.0 (transformer) forward passes for one column, 4.6 and 15 for 16; GGN/EF 0.9
+# and 2.3 for one, 9.3 and 19 for 16; Jacobian 1.0 and 0.7 for one, 9.6 and 5.7 for
+# 16. The factors over-estimate the MLP's wide passes by up to 2.6x and under-estimate
+# the transformer's GGN by 0.6x; the kept linearization of a batch (``graph_bytes``)
+# was 1.6-2.3 forward passes.
 
 LINEARIZATION_FACTOR = 2.0
 """Bytes a batch's kept linearization takes, in forward passes, until one is kept
-(measured 1.6-2.3, see :data:`ACTIVATION_FACTORS`)."""
+(measured 1.6-2.3, see the measurements above)."""
 
 
 def product_memory(A: Any, num_columns: int = 1) -> dict[str, int]:
@@ -341,7 +330,7 @@ def operator_memory(
     XLA's temporary bytes of the compiled product (``op._compiled_product_bytes``;
     JAX, when ``compiled``), which hold the intermediates too, else the bytes a
     forward pass saves (``op._forward_saved_bytes``) scaled by
-    :data:`ACTIVATION_FACTORS`. The solvers ask without ``compiled``: the analysis
+    the operator's ``_activation_factors``. The solvers ask without ``compiled``: the analysis
     costs a compilation of the product (seconds for a transformer) in every new
     operator, the forward pass's bytes an abstract trace.
     """
@@ -356,7 +345,7 @@ def operator_memory(
         del parts["product intermediates"]
         parts[f"{label}, with intermediates: compiled)"] = compiled
     else:
-        first, further = _factors(op)
+        first, further = op._activation_factors
         parts[f"{label})"] = int(forward * (first + further * (together - 1)))
     parts[CACHE_HELD], parts[CACHE_MORE] = _cache_parts(op.cache_info(), forward, batches)
     device = op.backend.device
@@ -368,13 +357,6 @@ def operator_memory(
         where(device),
         held=(PARAMETERS, CACHE_HELD),
     )
-
-
-def _factors(op: Any) -> tuple[float, float]:
-    for kind in type(op).__mro__:
-        if kind.__name__ in ACTIVATION_FACTORS:
-            return ACTIVATION_FACTORS[kind.__name__]
-    return DEFAULT_ACTIVATION_FACTORS
 
 
 def _cache_parts(info: dict[str, Any], forward_bytes: int, batches: int) -> tuple[int, int]:

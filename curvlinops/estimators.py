@@ -6,8 +6,8 @@ library: operators with a backend get probes from ``A.backend`` and native
 (PyTorch or JAX) products; framework-free operators, scipy operators and numpy
 matrices get numpy; dense arrays of other libraries get numpy probes copied to
 their device once per block. Probes go through ``matmat`` in blocks of at most
-``block_size`` columns: by default 32, fewer where 32 probes, their products
-and the products' intermediates would take more than a quarter of the memory
+``block_size`` columns: by default 32, fewer where 32 probes with their
+products and one temporary each would take more than a quarter of the memory
 available (a probe of a 100 M-parameter model takes 400 MB in float32).
 
 API shape: each estimator returns the estimate (a 0-d array, or a vector for

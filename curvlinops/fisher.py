@@ -39,6 +39,7 @@ class _GradientMomentOperator(CurvatureOperator):
     is_symmetric = True
     _params_in = _params_out = True
     _vector_products = True
+    _activation_factors = (2.5, 0.6)
 
     def __init__(self, model_func: Any, loss_func: Any, params: Any, data: Any, **options: Any):
         self._output_shapes: dict[int, tuple[int, ...]] = {}

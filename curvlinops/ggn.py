@@ -49,6 +49,7 @@ class GGNLinearOperator(CurvatureOperator):
     is_symmetric = True
     _params_in = _params_out = True
     _vector_products = True
+    _activation_factors = (2.5, 0.6)
 
     def __new__(cls, *args: Any, mc_samples: int | None = None, **options: Any) -> Any:
         if mc_samples is None or cls is not GGNLinearOperator:

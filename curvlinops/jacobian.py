@@ -47,6 +47,7 @@ class JacobianLinearOperator(CurvatureOperator):
     _needs_loss = False
     _params_in = True
     _vector_products = True
+    _activation_factors = (1.0, 0.6)
 
     def __init__(self, model_func: Any, params: Any, data: Any, **options: Any):
         super().__init__(model_func, None, params, data, **options)

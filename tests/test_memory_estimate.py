@@ -2,7 +2,7 @@
 
 The activation part is an estimate: PyTorch scales the bytes one forward pass
 saves by a factor per operator kind, measured on the benchmark problems (see
-``curvlinops._memory.ACTIVATION_FACTORS``). It is checked against the memory a
+the operators' ``_activation_factors``). It is checked against the memory a
 product demonstrably holds: the saved tensors of the kept linearization of the
 same batch (``graph_bytes``, what the autograd graphs of one product keep) for
 PyTorch, XLA's memory analysis of the whole jitted product for JAX. The window
