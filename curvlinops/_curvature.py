@@ -21,7 +21,11 @@ import numpy as np
 
 from curvlinops._base import LinearOperator
 from curvlinops._checks import type_error, value_error
-from curvlinops._linearization import LinearizationCache, check_cache_options
+from curvlinops._linearization import (
+    LinearizationCache,
+    active_solver_trace,
+    check_cache_options,
+)
 from curvlinops._memory import MemoryEstimate, operator_memory
 from curvlinops._tracing import compiled_method
 from curvlinops.backends import make_backend
@@ -323,10 +327,17 @@ class CurvatureOperator(LinearOperator):
     def _usable_cache(self, V: Any) -> LinearizationCache | None:
         """The cache, fresh for the current parameters, if this product may use it."""
         cache = self._cache
-        if not (cache.enabled and self._linearizable() and self.backend.can_linearize(V)):
+        if not (cache.enabled and self._linearizable()):
+            return None
+        if self.backend.can_linearize(V):
+            cache.check_fresh(self.backend.parameters_token())
+            return cache
+        # a solver compiling its loop reads what is kept (nothing is built under a trace)
+        kept = [i for i, n in enumerate(self._batch_sizes) if n > 0]
+        if active_solver_trace() is None or not cache.holds_all(kept):
             return None
         cache.check_fresh(self.backend.parameters_token())
-        return cache
+        return cache if cache.holds_all(kept) else None
 
     def _apply_linearization(self, state: Any, V: Any, index: int, adjoint: bool) -> Any:
         name = "_linearized_rmatmat" if adjoint else "_linearized_matmat"
@@ -392,6 +403,9 @@ class CurvatureOperator(LinearOperator):
         """
         if self._converted is not None:
             return iter(self._progress(self._converted, description))
+        trace = active_solver_trace()
+        if trace is not None and not isinstance(self._data, (list, tuple)):
+            trace.streamed = True
         if isinstance(self._data, (list, tuple)):
             self._converted = list(self._read(self._data))
             return iter(self._progress(self._converted, description))

@@ -275,6 +275,15 @@ def _lanczos(
     Columns that break down continue as zero vectors with zero coupling, which
     adds decoupled zero blocks to ``T`` that carry no quadrature weight.
     """
+    if op.library == "jax" and _traced_product(op, Q0.shape[1]) is not None:
+        from curvlinops.backends import _krylov_jax
+
+        W0 = op.matmat(Q0)  # eagerly: the operator keeps its linearizations now
+        program, arrays = _traced_product(op, Q0.shape[1])
+        op.num_products += num_steps - 1
+        return _krylov_jax.tridiagonalize(
+            program, arrays, Q0, W0, num_steps, reorthogonalize, keep_basis
+        )
     xp = op.xp
     n, m = Q0.shape
     keep = reorthogonalize or keep_basis
@@ -897,6 +906,11 @@ def _eigsh_native(
     """Thick-restart Lanczos in the operator's array library (``start``: a list to empty)."""
     xp = op.xp
     tol = op.eps ** (2 / 3) if tol is None else tol
+    if op.library == "jax":
+        compiled = _eigsh_compiled(op, start, seed, return_eigenvectors, on_failure,
+                                   k=k, which=which, ncv=ncv, maxiter=maxiter, tol=tol)  # fmt: skip
+        if compiled is not None:
+            return compiled
     krylov = _Krylov(op, start.pop(), ncv, seed)
     while True:
         while krylov.size < ncv and krylov.next is not None:
@@ -933,6 +947,85 @@ def _eigsh_native(
     krylov.next = None  # the work vectors go before the eigenvectors come
     # V has ncv rows, all in use: the Ritz vectors are V^T S[:, wanted]
     vectors = xp.matrix_transpose(krylov.V) @ xp.take(S, index, axis=1)
+    return (values, vectors), info
+
+
+def _traced_product(op: Operand, columns: int) -> tuple[Any, Any] | None:
+    """A JAX operand's product traced for a compiled loop: ``(program, arrays)``, or ``None``.
+
+    ``None`` where the product cannot run inside a compiled loop (it reads values
+    on the host, or streams its data from a loader): the loop then steps eagerly.
+    Kept linearizations are read, not rebuilt; the trace counts no product.
+    """
+    from curvlinops._linearization import solver_trace
+    from curvlinops.backends import _krylov_jax
+
+    products = op.num_products
+    try:
+        with solver_trace() as trace:
+            program = _krylov_jax.trace_product(op.matmat, op.shape[0], columns, op.dtype)
+    except _krylov_jax.TRACE_ERRORS:
+        return None
+    finally:
+        op.num_products = products
+    return None if trace.streamed else program
+
+
+def _eigsh_compiled(
+    op: Operand,
+    start: list,
+    seed: int,
+    return_eigenvectors: bool,
+    on_failure: str,
+    *,
+    k: int,
+    which: str,
+    ncv: int,
+    maxiter: int,
+    tol: float,
+) -> Any:
+    """:func:`_eigsh_native` for JAX operands in one compiled loop (``None``: not traceable).
+
+    The first product runs eagerly (an operator keeps its linearizations then, and
+    the product is traced again to read them), the rest inside the program; the
+    host reads the results once.
+    """
+    from curvlinops.backends import _krylov_jax
+
+    if _traced_product(op, 1) is None:
+        return None
+    first = op.matmat(start[-1][:, None])[:, 0]
+    traced = _traced_product(op, 1)
+    out = _krylov_jax.thick_restart(*traced, start.pop(), first, ncv=ncv, k=k, which=which,
+                                    maxiter=maxiter, tol=tol, seed=seed)  # fmt: skip
+    host = {key: op.to_host(out[key]) for key in ("theta", "residuals", "order", "status")}
+    counters = {key: int(op.to_host(out[key])) for key in ("restarts", "products")}
+    op.num_products += counters["products"]
+    if int(host["status"]) == _krylov_jax.NONFINITE:
+        raise_nonfinite("eigsh")
+    theta_host, residuals = np.asarray(host["theta"], np.float64), host["residuals"]
+    wanted = np.asarray(host["order"])[:k]
+    scale = max(float(np.max(np.abs(theta_host))), np.finfo(op.dtype).tiny)
+    bad = residuals[wanted] > tol * scale
+    if bad.any():
+        _report_eigsh_failure(on_failure, bad, residuals[wanted] / scale, tol,
+                              counters["restarts"], op)  # fmt: skip
+    wanted = wanted[np.argsort(theta_host[wanted], kind="stable")]
+    info = {
+        "solver": "thick-restart Lanczos (compiled loop)",
+        "restarts": counters["restarts"],
+        "products": op.num_products,
+        "tol": tol,
+        "criterion": "residual <= tol * max|Ritz value|",
+        "converged": not bool(bad.any()),
+        "residuals": residuals[wanted].tolist(),
+        "relative_residuals": _relative(residuals[wanted], theta_host[wanted]).tolist(),
+    }
+    index = op.index(wanted)
+    values = op.xp.take(out["theta"], index)
+    if not return_eigenvectors:
+        return values, info
+    vectors = op.xp.matrix_transpose(out.pop("V")) @ op.xp.take(out["S"], index, axis=1)
     return (values, vectors), info
 
 

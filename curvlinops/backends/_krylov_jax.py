@@ -1,0 +1,393 @@
+"""Krylov loops of JAX operators compiled whole: products, Gram-Schmidt, restarts, tests.
+
+An eager Krylov step leaves compiled code for Python after every product
+(dispatch, a host read of the norms for the convergence test); the cheaper the
+product, the more that weighs. Here the operator's product is traced once into
+a jaxpr whose arrays (parameters, data, kept linearizations) become arguments
+of one compiled program that runs the whole thick-restart Lanczos
+(:func:`thick_restart`) or the whole Lanczos tridiagonalisation
+(:func:`tridiagonalize`) in ``lax.while_loop``/``lax.fori_loop``; the host reads
+the results once at the end.
+
+Inner products over the long axis ``n`` are summed accurately: with
+``jax_enable_x64`` each term is summed in float64 (as the eager path of
+:mod:`curvlinops.eigen` does); without it, in blocks of :data:`BLOCK` entries
+whose float32 partial sums are added pairwise with their rounding errors
+carried along (Knuth's TwoSum), so the result is as if summed in about twice
+the working precision across blocks.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from curvlinops.backends._jax import x64_enabled
+
+__all__ = [
+    "BLOCK",
+    "TRACE_ERRORS",
+    "Program",
+    "accurate_rows_dot",
+    "thick_restart",
+    "trace_product",
+    "tridiagonalize",
+]
+
+BLOCK = 4096
+"""Entries per block of an accurate inner product without float64 (see module docstring)."""
+TRACE_ERRORS = (
+    jax.errors.ConcretizationTypeError,
+    jax.errors.TracerArrayConversionError,
+    jax.errors.TracerBoolConversionError,
+    jax.errors.TracerIntegerConversionError,
+)
+"""What a product that cannot be traced raises (it reads values on the host): step eagerly."""
+
+
+class Program:
+    """A traced product ``X -> A @ X``; equal for equal jaxprs (compiled once per text)."""
+
+    def __init__(self, closed: Any) -> None:
+        self.jaxpr = closed.jaxpr
+        self._key = str(closed.jaxpr)
+        self._hash = hash(self._key)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Program) and self._key == other._key
+
+    def __call__(self, consts: list, X: jax.Array) -> jax.Array:
+        return jax.core.eval_jaxpr(self.jaxpr, consts, X)[0]
+
+
+def trace_product(matmat: Any, n: int, columns: int, dtype: Any) -> tuple[Program, list]:
+    """The product ``matmat`` on ``(n, columns)`` arrays as a :class:`Program` and its arrays.
+
+    Raises one of :data:`TRACE_ERRORS` when the product reads values on the host.
+    """
+    closed = jax.make_jaxpr(matmat)(jax.ShapeDtypeStruct((n, columns), dtype))
+    return Program(closed), list(closed.consts)
+
+
+# --- accurate inner products ------------------------------------------------------------------
+def _layout(n: int) -> tuple[int, int]:
+    """Block length and padded length of vectors of ``n`` entries."""
+    block = min(BLOCK, n)
+    return block, -(-n // block) * block
+
+
+def _two_sum(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``a + b`` and its rounding error, exactly (Knuth)."""
+    s = a + b
+    b_virtual = s - a
+    return s, (a - (s - b_virtual)) + (b - b_virtual)
+
+
+def _compensated_sum(partials: jax.Array) -> jax.Array:
+    """Sum over the last axis, pairwise, carrying each addition's rounding error."""
+    hi, lo = partials, jnp.zeros_like(partials)
+    while hi.shape[-1] > 1:
+        if hi.shape[-1] % 2:
+            pad = [(0, 0)] * (hi.ndim - 1) + [(0, 1)]
+            hi, lo = jnp.pad(hi, pad), jnp.pad(lo, pad)
+        s, e = _two_sum(hi[..., 0::2], hi[..., 1::2])
+        hi, lo = s, lo[..., 0::2] + lo[..., 1::2] + e
+    return (hi + lo)[..., 0]
+
+
+def accurate_rows_dot(V: jax.Array, W: jax.Array, block: int) -> jax.Array:
+    """``sum(V * W, axis=-1)`` (broadcast) over a long last axis, summed accurately.
+
+    ``block`` divides the last axis. Float64 inputs are summed as they are; with
+    ``jax_enable_x64`` lower precisions are summed in float64; otherwise each
+    block of ``block`` entries in the working precision and the blocks with
+    :func:`_compensated_sum`.
+    """
+    dtype = jnp.result_type(V, W)
+    if dtype == jnp.float64:
+        return jnp.sum(V * W, axis=-1)
+    if x64_enabled():
+        return jnp.sum(V.astype(jnp.float64) * W.astype(jnp.float64), axis=-1).astype(dtype)
+    product = V * W
+    blocks = product.reshape(*product.shape[:-1], product.shape[-1] // block, block)
+    return _compensated_sum(jnp.sum(blocks, axis=-1)).astype(dtype)
+
+
+# --- thick-restart Lanczos --------------------------------------------------------------------
+class _State(NamedTuple):
+    V: jax.Array  # (ncv, n_pad) basis rows
+    H: jax.Array  # (ncv, ncv) projection, column j filled at step j
+    next: jax.Array  # (n_pad,) the next basis vector (unit)
+    size: jax.Array  # rows of V in use
+    resid: jax.Array  # norm of the residual vector before scaling
+    anorm: jax.Array  # largest norm of a product seen
+    restarts: jax.Array
+    products: jax.Array
+    breakdowns: jax.Array
+    status: jax.Array  # RUNNING, CONVERGED, STOPPED (maxiter or basis spans all), NONFINITE
+    theta: jax.Array  # Ritz values of the last full basis
+    S: jax.Array  # their vectors in the basis
+    residuals: jax.Array  # their residual estimates
+
+
+RUNNING, CONVERGED, STOPPED, NONFINITE = 0, 1, 2, 3
+
+
+class Settings(NamedTuple):
+    """What the compiled program is specialised on (hashable)."""
+
+    program: Program
+    n: int
+    ncv: int
+    k: int
+    which: str
+    seed: int
+
+
+def thick_restart(
+    program: Program,
+    consts: list,
+    start: jax.Array,
+    first_product: jax.Array,
+    *,
+    ncv: int,
+    k: int,
+    which: str,
+    maxiter: int,
+    tol: float,
+    seed: int,
+) -> dict[str, Any]:
+    """Thick-restart Lanczos for ``k`` eigenpairs, compiled whole.
+
+    ``first_product`` is ``A @ start`` (computed eagerly by the caller, so that an
+    operator can keep its linearizations before the product is traced).
+    Returns the final basis ``V`` (``(ncv, n)``), ``theta``, ``S``, the residual
+    estimates, the order of the Ritz values (most wanted first) and the counters,
+    as JAX arrays.
+    """
+    n = int(start.shape[0])
+    settings = Settings(program, n, ncv, k, which, seed)
+    tol = jnp.asarray(tol, start.dtype)
+    state = _run_thick_restart(settings, consts, start, first_product, maxiter, tol)
+    order = _order(state.theta, which)
+    return {
+        "V": state.V[:, :n],
+        "theta": state.theta,
+        "S": state.S,
+        "residuals": state.residuals,
+        "order": order,
+        "restarts": state.restarts,
+        "products": state.products,
+        "breakdowns": state.breakdowns,
+        "status": state.status,
+    }
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _run_thick_restart(
+    settings: Settings, consts: list, start: jax.Array, w0: jax.Array, maxiter: Any, tol: Any
+) -> _State:
+    n, ncv = settings.n, settings.ncv
+    block, n_pad = _layout(n)
+    dtype = start.dtype
+    zero = jnp.zeros((), dtype)
+    state = _State(
+        V=jnp.zeros((ncv, n_pad), dtype),
+        H=jnp.zeros((ncv, ncv), dtype),
+        next=_pad(start, n_pad),
+        size=jnp.int32(0),
+        resid=zero,
+        anorm=zero,
+        restarts=jnp.int32(0),
+        products=jnp.int32(0),
+        breakdowns=jnp.int32(0),
+        status=jnp.int32(RUNNING),
+        theta=jnp.zeros((ncv,), dtype),
+        S=jnp.eye(ncv, dtype=dtype),
+        residuals=jnp.zeros((ncv,), dtype),
+    )
+    state = _add_vector(settings, block, state, _pad(w0, n_pad))
+    state = _check(settings, block, state, maxiter, tol)
+
+    def step(state: _State) -> _State:
+        w = settings.program(consts, state.next[:n, None])[:, 0]
+        state = _add_vector(settings, block, state._replace(products=state.products + 1),
+                            _pad(w, n_pad))  # fmt: skip
+        return _check(settings, block, state, maxiter, tol)
+
+    return jax.lax.while_loop(lambda s: s.status == RUNNING, step, state)
+
+
+def _pad(x: jax.Array, n_pad: int) -> jax.Array:
+    return x if x.shape[0] == n_pad else jnp.pad(x, (0, n_pad - x.shape[0]))
+
+
+def _add_vector(settings: Settings, block: int, s: _State, w: jax.Array) -> _State:
+    """Put ``next`` into the basis; orthogonalise its product ``w`` (Gram-Schmidt, twice)."""
+    V = s.V.at[s.size].set(s.next)
+    norm_in = jnp.sqrt(accurate_rows_dot(w, w, block))
+    h = accurate_rows_dot(V, w[None, :], block)
+    w = w - h @ V
+    h2 = accurate_rows_dot(V, w[None, :], block)
+    w, h = w - h2 @ V, h + h2
+    H = s.H.at[:, s.size].set(h)
+    norm_w = jnp.sqrt(accurate_rows_dot(w, w, block))
+    anorm = jnp.maximum(s.anorm, norm_in)
+    size = s.size + 1
+    finite = jnp.isfinite(norm_in) & jnp.isfinite(norm_w)
+    n = settings.n
+    fresh = (size < n) & (norm_w <= np.finfo(w.dtype).eps * math.sqrt(n) * anorm)
+    unit = w / jnp.where(norm_w > 0, norm_w, jnp.ones_like(norm_w))
+    nxt = jax.lax.cond(
+        fresh,
+        lambda: _fresh_direction(settings, block, V, s.breakdowns + 1, w.shape[0]),
+        lambda: unit,
+    )
+    resid = jnp.where(fresh | (size >= n), jnp.zeros_like(norm_w), norm_w)
+    status = jnp.where(finite, s.status, NONFINITE)
+    return s._replace(V=V, H=H, next=nxt, size=size, resid=resid, anorm=anorm,
+                      breakdowns=s.breakdowns + fresh.astype(jnp.int32), status=status)  # fmt: skip
+
+
+def _fresh_direction(
+    settings: Settings, block: int, V: jax.Array, breakdowns: jax.Array, n_pad: int
+) -> jax.Array:
+    """A random unit vector orthogonal to the basis (an invariant subspace was found)."""
+    key = jax.random.fold_in(jax.random.key(settings.seed), 7919 * breakdowns)
+    w = jax.random.normal(key, (n_pad,), V.dtype) * (jnp.arange(n_pad) < settings.n)
+    for _ in range(2):
+        w = w - accurate_rows_dot(V, w[None, :], block) @ V
+    return w / jnp.sqrt(accurate_rows_dot(w, w, block))
+
+
+def _order(theta: jax.Array, which: str) -> jax.Array:
+    """Indices of Ritz values, most wanted first."""
+    key = {"LA": -theta, "SA": theta, "LM": -jnp.abs(theta)}[which]
+    return jnp.argsort(key, stable=True)
+
+
+def _check(settings: Settings, block: int, s: _State, maxiter: Any, tol: Any) -> _State:
+    """With a full basis: Ritz pairs, the convergence test, and a restart if needed."""
+    return jax.lax.cond(
+        (s.size == settings.ncv) & (s.status == RUNNING),
+        lambda: _test_and_restart(settings, block, s, maxiter, tol),
+        lambda: s,
+    )
+
+
+def _test_and_restart(settings: Settings, block: int, s: _State, maxiter: Any, tol: Any) -> _State:
+    ncv, k = settings.ncv, settings.k
+    T = jnp.triu(s.H) + jnp.triu(s.H, k=1).T
+    theta, S = jnp.linalg.eigh(T)
+    residuals = s.resid * jnp.abs(S[ncv - 1, :])
+    order = _order(theta, settings.which)
+    wanted = order[:k]
+    scale = jnp.maximum(jnp.max(jnp.abs(theta)), np.finfo(theta.dtype).tiny)
+    converged = jnp.all(residuals[wanted] <= tol * scale)
+    spans_all = ncv == settings.n
+    stopped = spans_all | (s.restarts >= maxiter)
+    status = jnp.where(converged, CONVERGED, jnp.where(stopped, STOPPED, RUNNING))
+    status = jnp.where(jnp.all(jnp.isfinite(theta)), status, NONFINITE)
+    s = s._replace(theta=theta, S=S, residuals=residuals, status=status.astype(jnp.int32))
+    keep = max(k, min(ncv - 1, k + (ncv - k) // 2))
+    return jax.lax.cond(status == RUNNING, lambda: _restart(s, order, keep), lambda: s)
+
+
+def _restart(s: _State, order: jax.Array, keep: int) -> _State:
+    """Keep the Ritz vectors ``order[:keep]``: ``V <- S_keep^T V``, ``H <- diag(theta)``."""
+    ncv = s.S.shape[0]
+    mask = (jnp.arange(ncv) < keep).astype(s.S.dtype)
+    S_keep = s.S[:, order] * mask[None, :]
+    V = _rotate_rows_in_loop(s.V, S_keep.T)
+    H = jnp.diag(s.theta[order] * mask)
+    return s._replace(V=V, H=H, size=jnp.int32(keep), restarts=s.restarts + 1)
+
+
+def _rotate_rows_in_loop(V: jax.Array, R: jax.Array) -> jax.Array:
+    """``R @ V`` block by block of columns, written over ``V`` (one block of temporary)."""
+    m, n = V.shape
+    width = max(1, -(-n // m))
+    full = n // width
+
+    def rotate_block(i: Any, V: jax.Array) -> jax.Array:
+        cols = jax.lax.dynamic_slice_in_dim(V, i * width, width, axis=1)
+        return jax.lax.dynamic_update_slice_in_dim(V, R @ cols, i * width, axis=1)
+
+    V = jax.lax.fori_loop(0, full, rotate_block, V)
+    if full * width < n:
+        V = V.at[:, full * width :].set(R @ V[:, full * width :])
+    return V
+
+
+# --- Lanczos tridiagonalisation ---------------------------------------------------------------
+def tridiagonalize(
+    program: Program,
+    consts: list,
+    Q0: jax.Array,
+    W0: jax.Array,
+    num_steps: int,
+    reorthogonalize: bool,
+    keep_basis: bool,
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """Batched Lanczos on the unit columns of ``Q0`` (``(n, m)``), ``W0 = A @ Q0``, compiled whole.
+
+    Returns ``alphas (m, s)``, ``betas (m, s - 1)`` and the basis ``(m, s, n)`` or ``None``;
+    columns that break down continue as zero vectors (as the eager path).
+    """
+    keep = reorthogonalize or keep_basis
+    settings = (program, int(Q0.shape[0]), int(num_steps), bool(reorthogonalize), bool(keep))
+    alphas, betas, basis = _run_tridiagonalize(settings, consts, Q0, W0)
+    if not keep_basis:
+        return alphas, betas, None
+    return alphas, betas, basis[..., : Q0.shape[0]]
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _run_tridiagonalize(settings: tuple, consts: list, Q0: jax.Array, W0: jax.Array) -> tuple:
+    program, n, steps, reorthogonalize, keep = settings
+    block, n_pad = _layout(n)
+    Q = jnp.pad(Q0, ((0, n_pad - n), (0, 0))).T  # (m, n_pad): one row per start vector
+    W = jnp.pad(W0, ((0, n_pad - n), (0, 0))).T
+    m = Q.shape[0]
+    dtype = Q.dtype
+    tolerance = np.finfo(dtype).eps * math.sqrt(n)
+    basis = jnp.zeros((m, steps if keep else 1, n_pad), dtype)
+    if keep:
+        basis = basis.at[:, 0, :].set(Q)
+    zeros = jnp.zeros((m,), dtype)
+    carry = (Q, jnp.zeros_like(Q), W, zeros, zeros, basis, jnp.zeros((m, steps), dtype),
+             jnp.zeros((m, max(steps - 1, 1)), dtype))  # fmt: skip
+
+    def step(j: Any, carry: tuple) -> tuple:
+        q, q_prev, w, beta, anorm, basis, alphas, betas = carry
+        anorm = jnp.maximum(anorm, jnp.sqrt(accurate_rows_dot(w, w, block)))
+        alpha = accurate_rows_dot(q, w, block)
+        w = w - alpha[:, None] * q - beta[:, None] * q_prev
+        if reorthogonalize:
+            for _ in range(2):  # (m, s, n) basis, rows not yet filled are zero
+                h = accurate_rows_dot(basis, w[:, None, :], block)
+                w = w - jnp.einsum("ms,msn->mn", h, basis)
+        norm = jnp.sqrt(accurate_rows_dot(w, w, block))
+        ok = norm > tolerance * anorm
+        q_next = jnp.where(ok[:, None], w / jnp.where(ok, norm, 1)[:, None], 0)
+        beta_next = jnp.where(ok, norm, 0)
+        if keep:
+            basis = basis.at[:, j + 1, :].set(q_next)
+        alphas = alphas.at[:, j].set(alpha)
+        betas = betas.at[:, j].set(beta_next)
+        w_next = program(consts, q_next[:, :n].T).T
+        w_next = jnp.pad(w_next, ((0, 0), (0, n_pad - n)))
+        return q_next, q, w_next, beta_next, anorm, basis, alphas, betas
+
+    carry = jax.lax.fori_loop(0, steps - 1, step, carry)
+    q, _, w, _, _, basis, alphas, betas = carry
+    alphas = alphas.at[:, steps - 1].set(accurate_rows_dot(q, w, block))
+    return alphas, betas[:, : steps - 1], basis
