@@ -26,6 +26,7 @@ import numpy as np
 import scipy.sparse.linalg
 
 from curvlinops._checks import shape_error, type_error, value_error
+from curvlinops._compiled import traced_product as _traced_product
 from curvlinops._memory import (
     MemoryBudgetError,
     MemoryEstimate,
@@ -275,7 +276,7 @@ def _lanczos(
     Columns that break down continue as zero vectors with zero coupling, which
     adds decoupled zero blocks to ``T`` that carry no quadrature weight.
     """
-    if op.library == "jax" and _traced_product(op, Q0.shape[1]) is not None:
+    if _traced_product(op, Q0.shape[1]) is not None:
         from curvlinops.backends import _krylov_jax
 
         W0 = op.matmat(Q0)  # eagerly: the operator keeps its linearizations now
@@ -948,27 +949,6 @@ def _eigsh_native(
     # V has ncv rows, all in use: the Ritz vectors are V^T S[:, wanted]
     vectors = xp.matrix_transpose(krylov.V) @ xp.take(S, index, axis=1)
     return (values, vectors), info
-
-
-def _traced_product(op: Operand, columns: int) -> tuple[Any, Any] | None:
-    """A JAX operand's product traced for a compiled loop: ``(program, arrays)``, or ``None``.
-
-    ``None`` where the product cannot run inside a compiled loop (it reads values
-    on the host, or streams its data from a loader): the loop then steps eagerly.
-    Kept linearizations are read, not rebuilt; the trace counts no product.
-    """
-    from curvlinops._linearization import solver_trace
-    from curvlinops.backends import _krylov_jax
-
-    products = op.num_products
-    try:
-        with solver_trace() as trace:
-            program = _krylov_jax.trace_product(op.matmat, op.shape[0], columns, op.dtype)
-    except _krylov_jax.TRACE_ERRORS:
-        return None
-    finally:
-        op.num_products = products
-    return None if trace.streamed else program
 
 
 def _eigsh_compiled(

@@ -118,3 +118,24 @@ def test_compiled_eigsh_reports_nonfinite_products():
     A[4, 4] = np.nan
     with pytest.raises(FloatingPointError, match="NaN or inf"):
         eigsh(jnp.asarray(A), k=1, which="LA", ncv=4)
+
+
+def test_compiled_cg_matches_dense_solve_and_reports_like_the_eager_loop(monkeypatch):
+    from curvlinops import inverse
+
+    problem = build("mlp-ce-mean", "jax")
+    G, dense = problem.operator("G", columns_per_pass=64), problem.dense["G"]
+    B = np.random.default_rng(2).standard_normal((G.shape[0], 2))
+    damping = 1e-2 * np.abs(dense).max()
+    solve = inverse.CGInverseLinearOperator(G, damping=damping, tol=1e-10)
+    X = to_numpy(solve @ jnp.asarray(B))
+    expected = np.linalg.solve(dense + damping * np.eye(G.shape[0]), B)
+    np.testing.assert_allclose(X, expected, rtol=0, atol=1e-8 * np.abs(expected).max())
+    assert solve.info.converged.all() and (solve.info.relative_residuals <= 1e-10).all()
+    # an indefinite operand stops its columns as the eager loop does, with a warning
+    indefinite = jnp.asarray(np.diag(np.linspace(-1.0, 1.0, 21)))
+    with pytest.warns(inverse.ConvergenceWarning, match="not positive definite"):
+        inverse.CGInverseLinearOperator(indefinite, tol=1e-12) @ jnp.ones(21)
+    monkeypatch.setattr(inverse, "traced_product", lambda *args: None)
+    eager = inverse.CGInverseLinearOperator(G, damping=damping, tol=1e-10)
+    np.testing.assert_allclose(to_numpy(eager @ jnp.asarray(B)), X, rtol=0, atol=1e-9)

@@ -391,3 +391,66 @@ def _run_tridiagonalize(settings: tuple, consts: list, Q0: jax.Array, W0: jax.Ar
     q, _, w, _, _, basis, alphas, betas = carry
     alphas = alphas.at[:, steps - 1].set(accurate_rows_dot(q, w, block))
     return alphas, betas[:, : steps - 1], basis
+
+
+# --- conjugate gradients -----------------------------------------------------------------------
+class _CGState(NamedTuple):
+    X: jax.Array
+    R: jax.Array
+    P: jax.Array
+    rz: jax.Array
+    live: jax.Array  # columns still iterating
+    iterations: jax.Array
+    residuals: jax.Array
+    done: jax.Array
+    indefinite: jax.Array
+    nonfinite: jax.Array
+    steps: jax.Array
+
+
+def conjugate_gradients(
+    program: Program,
+    consts: list,
+    state: tuple,
+    thresholds: jax.Array,
+    max_steps: int,
+) -> dict[str, jax.Array]:
+    """Batched CG (no preconditioner) continued from ``state = (X, R, P, rz, live)``, compiled.
+
+    ``program`` multiplies by the damped operator. As the eager loop, a column
+    stops when its residual norm is at most its threshold, when ``pᵀAp <= 0``
+    (indefinite) or when its residual is not finite; a stopped column takes no
+    more steps (its direction is zero). Returns the final state's arrays and,
+    per column, the steps taken, the last residual norm and why it stopped.
+    """
+    out = _run_cg(program, consts, *state, thresholds, jnp.int32(max_steps))
+    return out._asdict()
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _run_cg(program, consts, X, R, P, rz, live, thresholds, max_steps) -> _CGState:
+    K = X.shape[1]
+    no = jnp.zeros((K,), bool)
+    state = _CGState(X, R, P, rz, live, jnp.zeros((K,), jnp.int32),
+                     jnp.zeros((K,), X.dtype), no, no, no, jnp.int32(0))  # fmt: skip
+
+    def step(s: _CGState) -> _CGState:
+        AP = program(consts, s.P)
+        pAp = jnp.sum(s.P * AP, axis=0)
+        positive = pAp > 0
+        alpha = jnp.where(positive, s.rz / jnp.where(positive, pAp, 1), 0)
+        X, R = s.X + alpha * s.P, s.R - alpha * AP
+        norms = jnp.linalg.vector_norm(R, axis=0)
+        nonfinite = s.live & ~jnp.isfinite(norms)
+        done = s.live & (norms <= thresholds)
+        indefinite = s.live & ~done & ~nonfinite & ~positive
+        live = s.live & ~(done | indefinite | nonfinite)
+        Z = jnp.where(live, R, 0)
+        rz_next = jnp.sum(R * Z, axis=0)
+        beta = jnp.where(live, rz_next / jnp.where(live, s.rz, 1), 0)
+        return _CGState(X, R, Z + beta * s.P, rz_next, live, s.iterations + s.live,
+                        jnp.where(s.live, norms, s.residuals), s.done | done,
+                        s.indefinite | indefinite, s.nonfinite | nonfinite,
+                        s.steps + 1)  # fmt: skip
+
+    return jax.lax.while_loop(lambda s: jnp.any(s.live) & (s.steps < max_steps), step, state)
