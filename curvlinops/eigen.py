@@ -16,6 +16,7 @@ is stable if and only if :math:`\alpha < 2 / \lambda_{\max}`
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import warnings
@@ -455,6 +456,13 @@ def eigsh(
     the smallest basis does not fit, a :class:`MemoryBudgetError` says what is
     needed, what is available and which options lower it.
 
+    JAX: the whole loop (products, Gram-Schmidt, restarts, convergence test) runs
+    in one compiled program, the host reads the results once at the end; its
+    inner products are summed in float64 (with ``jax_enable_x64``) or with a
+    compensated sum of block partial sums. XLA keeps a second copy of the basis
+    in that program: where it does not fit the budget, or where the product
+    cannot be traced (data from a loader, host reads), the loop steps eagerly.
+
     Args:
         A: A symmetric operator or matrix (see above).
         k: Number of eigenvalues, ``1 <= k < n``.
@@ -522,15 +530,22 @@ def eigsh(
     options["ncv"], estimate = _plan_basis(
         op, options["k"], options["ncv"], memory_budget, bool(return_eigenvectors), native
     )
+    vector = op.shape[0] * op.dtype.itemsize
     start, single = _start_vectors(op, v0, seed)
     if not single:
         raise shape_error("v0", f"a vector of shape ({op.shape[0]},)", tuple(start.shape))
     start = start[:, 0]
+    compiled = native and op.library == "jax"
+    if compiled:  # XLA keeps a second copy of the basis in the compiled loop: if it fits
+        extra = {**estimate.parts, "compiled loop's copy of the basis": options["ncv"] * vector}
+        with_copy = dataclasses.replace(estimate, parts=extra)
+        compiled = with_copy.fits()
+        estimate = with_copy if compiled else estimate
     if native:
         # handed over in a list, so that no reference here keeps the vector alive
         handover, start = [start], None
         result, info = _eigsh_native(
-            op, handover, seed, bool(return_eigenvectors), on_failure, **options
+            op, handover, seed, bool(return_eigenvectors), on_failure, compiled, **options
         )
         if return_info and return_eigenvectors:
             _check_computed_residuals(op, result, info, on_failure)
@@ -897,6 +912,7 @@ def _eigsh_native(
     seed: int,
     return_eigenvectors: bool,
     on_failure: str,
+    compiled: bool,
     *,
     k: int,
     which: str,
@@ -904,10 +920,13 @@ def _eigsh_native(
     maxiter: int,
     tol: float | None,
 ) -> Any:
-    """Thick-restart Lanczos in the operator's array library (``start``: a list to empty)."""
+    """Thick-restart Lanczos in the operator's array library (``start``: a list to empty).
+
+    ``compiled``: try the whole loop in one compiled program (JAX).
+    """
     xp = op.xp
     tol = op.eps ** (2 / 3) if tol is None else tol
-    if op.library == "jax":
+    if compiled:
         compiled = _eigsh_compiled(op, start, seed, return_eigenvectors, on_failure,
                                    k=k, which=which, ncv=ncv, maxiter=maxiter, tol=tol)  # fmt: skip
         if compiled is not None:
@@ -977,7 +996,8 @@ def _eigsh_compiled(
     first = op.matmat(start[-1][:, None])[:, 0]
     traced = _traced_product(op, 1)
     out = _krylov_jax.thick_restart(*traced, start.pop(), first, ncv=ncv, k=k, which=which,
-                                    maxiter=maxiter, tol=tol, seed=seed)  # fmt: skip
+                                    maxiter=maxiter, tol=tol, seed=seed,
+                                    vectors=return_eigenvectors)  # fmt: skip
     host = {key: op.to_host(out[key]) for key in ("theta", "residuals", "order", "status")}
     counters = {key: int(op.to_host(out[key])) for key in ("restarts", "products")}
     op.num_products += counters["products"]
@@ -1005,7 +1025,7 @@ def _eigsh_compiled(
     values = op.xp.take(out["theta"], index)
     if not return_eigenvectors:
         return values, info
-    vectors = op.xp.matrix_transpose(out.pop("V")) @ op.xp.take(out["S"], index, axis=1)
+    vectors = out.pop("ritz_vectors")(op.xp.take(out["S"], index, axis=1))
     return (values, vectors), info
 
 
