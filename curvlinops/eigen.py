@@ -16,7 +16,6 @@ is stable if and only if :math:`\alpha < 2 / \lambda_{\max}`
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 import warnings
@@ -459,9 +458,9 @@ def eigsh(
     JAX: the whole loop (products, Gram-Schmidt, restarts, convergence test) runs
     in one compiled program, the host reads the results once at the end; its
     inner products are summed in float64 (with ``jax_enable_x64``) or with a
-    compensated sum of block partial sums. XLA keeps a second copy of the basis
-    in that program: where it does not fit the budget, or where the product
-    cannot be traced (data from a loader, host reads), the loop steps eagerly.
+    compensated sum of block partial sums; the basis is updated in place there
+    too. Where the product cannot be traced (data from a loader, host reads),
+    the loop steps eagerly.
 
     Args:
         A: A symmetric operator or matrix (see above).
@@ -530,17 +529,11 @@ def eigsh(
     options["ncv"], estimate = _plan_basis(
         op, options["k"], options["ncv"], memory_budget, bool(return_eigenvectors), native
     )
-    vector = op.shape[0] * op.dtype.itemsize
     start, single = _start_vectors(op, v0, seed)
     if not single:
         raise shape_error("v0", f"a vector of shape ({op.shape[0]},)", tuple(start.shape))
     start = start[:, 0]
-    compiled = native and op.library == "jax"
-    if compiled:  # XLA keeps a second copy of the basis in the compiled loop: if it fits
-        extra = {**estimate.parts, "compiled loop's copy of the basis": options["ncv"] * vector}
-        with_copy = dataclasses.replace(estimate, parts=extra)
-        compiled = with_copy.fits()
-        estimate = with_copy if compiled else estimate
+    compiled = native and op.library == "jax"  # the whole loop in one program
     if native:
         # handed over in a list, so that no reference here keeps the vector alive
         handover, start = [start], None

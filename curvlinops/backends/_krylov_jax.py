@@ -265,15 +265,19 @@ def _run_thick_restart(
         residuals=jnp.zeros((ncv,), dtype),
     )
     state = _add_vector(settings, state, _blocked(w0, block, num_blocks))
-    state = _check(settings, state, maxiter, tol)
 
     def step(state: _State) -> _State:
         w = settings.program(consts, _unblocked(state.next, n)[:, None])[:, 0]
         state = state._replace(products=state.products + 1)
-        state = _add_vector(settings, state, _blocked(w, block, num_blocks))
-        return _check(settings, state, maxiter, tol)
+        return _add_vector(settings, state, _blocked(w, block, num_blocks))
 
-    return jax.lax.while_loop(lambda s: s.status == RUNNING, step, state)
+    def fill_test_restart(state: _State) -> _State:
+        # no lax.cond returns the basis: XLA copied it into each branch's result
+        filling = lambda s: (s.size < ncv) & (s.status == RUNNING)  # noqa: E731
+        state = jax.lax.while_loop(filling, step, state)
+        return _test_and_restart(settings, state, maxiter, tol)
+
+    return jax.lax.while_loop(lambda s: s.status == RUNNING, fill_test_restart, state)
 
 
 def _add_vector(settings: Settings, s: _State, w: jax.Array) -> _State:
@@ -316,16 +320,8 @@ def _order(theta: jax.Array, which: str) -> jax.Array:
     return jnp.argsort(key, stable=True)
 
 
-def _check(settings: Settings, s: _State, maxiter: Any, tol: Any) -> _State:
-    """With a full basis: Ritz pairs, the convergence test, and a restart if needed."""
-    return jax.lax.cond(
-        (s.size == settings.ncv) & (s.status == RUNNING),
-        lambda: _test_and_restart(settings, s, maxiter, tol),
-        lambda: s,
-    )
-
-
 def _test_and_restart(settings: Settings, s: _State, maxiter: Any, tol: Any) -> _State:
+    """With a full basis: Ritz pairs, the convergence test, and a restart if needed."""
     ncv, k = settings.ncv, settings.k
     T = jnp.triu(s.H) + jnp.triu(s.H, k=1).T
     theta, S = jnp.linalg.eigh(T)
@@ -340,11 +336,11 @@ def _test_and_restart(settings: Settings, s: _State, maxiter: Any, tol: Any) -> 
     status = jnp.where(jnp.all(jnp.isfinite(theta)), status, NONFINITE)
     s = s._replace(theta=theta, S=S, residuals=residuals, status=status.astype(jnp.int32))
     keep = max(k, min(ncv - 1, k + (ncv - k) // 2))
-    return jax.lax.cond(status == RUNNING, lambda: _restart(s, order, keep), lambda: s)
+    return _restart(s, order, keep, status == RUNNING)
 
 
-def _restart(s: _State, order: jax.Array, keep: int) -> _State:
-    """Keep the Ritz vectors ``order[:keep]``: ``V <- S_keep^T V``, ``H <- diag(theta)``."""
+def _restart(s: _State, order: jax.Array, keep: int, restart: jax.Array) -> _State:
+    """If ``restart``: keep the Ritz vectors ``order[:keep]`` (``V <- S_keep^T V``, H diagonal)."""
     ncv = s.S.shape[0]
     mask = (jnp.arange(ncv) < keep).astype(s.S.dtype)
     R = (s.S[:, order] * mask[None, :]).T
@@ -352,9 +348,14 @@ def _restart(s: _State, order: jax.Array, keep: int) -> _State:
     def rotate_block(b: Any, V: jax.Array) -> jax.Array:  # in place, block by block
         return jax.lax.dynamic_update_index_in_dim(V, R @ V[b], b, axis=0)
 
-    V = jax.lax.fori_loop(0, s.V.shape[0], rotate_block, s.V)
-    H = jnp.diag(s.theta[order] * mask)
-    return s._replace(V=V, H=H, size=jnp.int32(keep), restarts=s.restarts + 1)
+    blocks = jnp.where(restart, s.V.shape[0], 0)  # no blocks: the basis stays as it is
+    V = jax.lax.fori_loop(0, blocks, rotate_block, s.V)
+    return s._replace(
+        V=V,
+        H=jnp.where(restart, jnp.diag(s.theta[order] * mask), s.H),
+        size=jnp.where(restart, jnp.int32(keep), s.size),
+        restarts=s.restarts + restart.astype(jnp.int32),
+    )
 
 
 # --- Lanczos tridiagonalisation ---------------------------------------------------------------
