@@ -256,12 +256,16 @@ def reference(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # --- the driver -----------------------------------------------------------------------------
-def _spawn(options: list[str], args: argparse.Namespace, out: Path) -> dict[str, Any]:
+def _spawn(
+    options: list[str], args: argparse.Namespace, out: Path, timed: bool = True
+) -> dict[str, Any]:
     command = [sys.executable, "-m", "benchmarks.tasks", *options, "--result", str(out)]
     command += ["--quick"] if args.quick else []
-    pin = args.pin
+    pin = args.pin if timed else None  # the reference is not timed: no lock, no pinning
     if pin is not None:
-        command = ["flock", "/tmp/bench.lock", "taskset", "-c", pin, *command]
+        command = ["taskset", "-c", pin, *command]
+        # one benchmark at a time on a shared machine
+        command = command if args.no_lock else ["flock", args.lock, *command]
     completed = subprocess.run(command, env=_threads_env(), capture_output=True, text=True)
     if completed.returncode != 0:
         return {"met": False, "failed": completed.stderr[-2000:]}
@@ -275,7 +279,7 @@ def drive(args: argparse.Namespace) -> int:
     for problem in args.problems:
         ref_file = out / f"reference-{problem}.json"
         if not ref_file.exists():
-            ref = _spawn(["--reference-of", problem], args, ref_file)
+            ref = _spawn(["--reference-of", problem], args, ref_file, timed=False)
             if "values" not in ref:
                 print(ref.get("failed", ref), file=sys.stderr)
                 return 1
@@ -306,7 +310,8 @@ def _row(r: dict[str, Any]) -> str:
 def table(rows: list[dict[str, Any]], pin: str | None) -> str:
     loads = [r["load"][0] for r in rows if "load" in r]
     head = (
-        f"1 thread (torch, XLA, BLAS), {'pinned to CPU ' + pin if pin else 'not pinned'}; "
+        f"1 thread (torch, XLA, BLAS), {'pinned to CPU ' + pin if pin else 'not pinned'}, "
+        "one contender per process; "
         f"load average during the runs {min(loads, default=0):.1f}-{max(loads, default=0):.1f}.\n\n"
         "| problem | task | contender | setting | seconds | gradients | gradient ms | "
         "rel. error |\n|---|---|---|---|---:|---:|---:|---:|\n"
@@ -321,6 +326,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="small problems (a smoke test)")
     parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
     parser.add_argument("--pin", default=None, help="CPU to pin each process to (with flock)")
+    parser.add_argument("--lock", default="/tmp/bench.lock", help="flock file of pinned runs")
+    parser.add_argument("--no-lock", action="store_true", help="pin without the lock")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--task", help=argparse.SUPPRESS)

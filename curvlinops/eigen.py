@@ -943,16 +943,8 @@ def _eigsh_native(
         relative = residuals[wanted] / scale
         _report_eigsh_failure(on_failure, bad, relative, tol, krylov.restarts, op)
     wanted = wanted[np.argsort(theta_host[wanted], kind="stable")]
-    info = {
-        "solver": "thick-restart Lanczos",
-        "restarts": krylov.restarts,
-        "products": op.num_products,
-        "tol": tol,
-        "criterion": "residual <= tol * max|Ritz value|",
-        "converged": not bool(bad.any()),
-        "residuals": residuals[wanted].tolist(),
-        "relative_residuals": _relative(residuals[wanted], theta_host[wanted]).tolist(),
-    }
+    info = _native_info("thick-restart Lanczos", krylov.restarts, op, tol, bad,
+                        residuals[wanted], theta_host[wanted])  # fmt: skip
     index = op.index(wanted)
     values = xp.take(theta, index)
     if not return_eigenvectors:
@@ -961,6 +953,28 @@ def _eigsh_native(
     # V has ncv rows, all in use: the Ritz vectors are V^T S[:, wanted]
     vectors = xp.matrix_transpose(krylov.V) @ xp.take(S, index, axis=1)
     return (values, vectors), info
+
+
+def _native_info(
+    solver: str,
+    restarts: int,
+    op: Operand,
+    tol: float,
+    bad: np.ndarray,
+    residuals: np.ndarray,
+    values: np.ndarray,
+) -> dict[str, Any]:
+    """The info dict of the native solver, for the returned pairs (ascending)."""
+    return {
+        "solver": solver,
+        "restarts": restarts,
+        "products": op.num_products,
+        "tol": tol,
+        "criterion": "residual <= tol * max|Ritz value|",
+        "converged": not bool(bad.any()),
+        "residuals": residuals.tolist(),
+        "relative_residuals": _relative(residuals, values).tolist(),
+    }
 
 
 def _eigsh_compiled(
@@ -1004,16 +1018,8 @@ def _eigsh_compiled(
         _report_eigsh_failure(on_failure, bad, residuals[wanted] / scale, tol,
                               counters["restarts"], op)  # fmt: skip
     wanted = wanted[np.argsort(theta_host[wanted], kind="stable")]
-    info = {
-        "solver": "thick-restart Lanczos (compiled loop)",
-        "restarts": counters["restarts"],
-        "products": op.num_products,
-        "tol": tol,
-        "criterion": "residual <= tol * max|Ritz value|",
-        "converged": not bool(bad.any()),
-        "residuals": residuals[wanted].tolist(),
-        "relative_residuals": _relative(residuals[wanted], theta_host[wanted]).tolist(),
-    }
+    info = _native_info("thick-restart Lanczos (compiled loop)", counters["restarts"], op, tol,
+                        bad, residuals[wanted], theta_host[wanted])  # fmt: skip
     index = op.index(wanted)
     values = op.xp.take(out["theta"], index)
     if not return_eigenvectors:
