@@ -37,7 +37,9 @@ import numpy as np
 TASKS = {"eigsh5-1e-3": ("float32", 1e-3), "eigsh5-1e-6": ("float64", 1e-6)}
 CONTENDERS = ("ours-torch", "ours-jax", "hessian-eigenthings", "cfp", "floor")
 FRAMEWORK = {"ours-jax": "jax"}
-TOL_LADDER = (1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8, 1e-9, 1e-10)
+TOL_LADDER = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8, 1e-9, 1e-10)
+"""Residual tolerances tried, loosest first: an eigenvalue's error is about its residual
+squared over the gap, so a looser ``tol`` than the accuracy often meets it."""
 ITER_LADDER = (20, 30, 40, 60, 80, 100, 150, 200, 300, 400)
 K = 5
 GRADIENT_SAMPLES = 10
@@ -194,8 +196,6 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     gradient = _gradient_timer(framework, problem)
     before = [gradient() for _ in range(GRADIENT_SAMPLES)]
     run, ladder, setting_name = _contender(args.contender, problem)
-    if setting_name == "tol":
-        ladder = tuple(t for t in ladder if t <= accuracy)
     tried = []
     for setting in ladder:
         start = time.perf_counter()
