@@ -23,6 +23,9 @@ PIP=(.venv/bin/python -m pip install --quiet)
 # "data": scikit-learn for python -m curvlinops influence (its digits ship with it)
 "${PIP[@]}" "torch==2.13.0" -e ".[torch,jax,test,data,bench,downstream]"
 "${PIP[@]}" --no-deps "laplace-torch==0.3" "backpack-for-pytorch==1.7.1"
+# kronfluence 1.0.1, the contender of the influence tests and benchmark: --no-deps, as it
+# declares torchvision; what it imports is in the "bench" extra.
+"${PIP[@]}" --no-deps "kronfluence==1.0.1"
 CFP=.venv/curvlinops-for-pytorch
 if [ ! -d "$CFP/curvlinops_for_pytorch-3.0.1.dist-info" ]; then
   "${PIP[@]}" --no-deps --upgrade --target "$CFP" "curvlinops-for-pytorch==3.0.1"

@@ -178,6 +178,95 @@ def test_curvature_scale_and_inverse_operator() -> None:
     )
 
 
+# --- across backends and against kronfluence ---------------------------------------
+def _jax_problem() -> tuple:
+    """The torch model's weights as a JAX dict ``{layer: {weight, bias}}`` and function."""
+    jnp = pytest.importorskip("jax.numpy")
+    model = _model()
+    params = {
+        layer: {
+            "weight": jnp.asarray(getattr(model, layer).weight.detach().numpy()),
+            "bias": jnp.asarray(getattr(model, layer).bias.detach().numpy()),
+        }
+        for layer in ("0", "2")
+    }
+
+    def model_func(p: dict, x: object) -> object:
+        h = jnp.tanh(x @ p["0"]["weight"].T + p["0"]["bias"])
+        return h @ p["2"]["weight"].T + p["2"]["bias"]
+
+    return model, model_func, params
+
+
+@pytest.mark.parametrize("kind", ["ggn", "ekfac"])
+def test_jax_scores_equal_torch_scores(kind: str) -> None:
+    """Same weights in both frameworks: same per-layer scores and damping.
+
+    The GGN is solved by CG with a damping per layer, EK-FAC has the heuristic's.
+    """
+    from curvlinops import losses
+
+    model, model_func, params = _jax_problem()
+    X, y, X_q, y_q = _data()
+    jax_data = [(X.numpy(), y.numpy())]
+    loss = losses.CrossEntropyLoss()
+    if kind == "ggn":
+        curvature = GGNLinearOperator(model_func, loss, params, jax_data, check_deterministic=False)
+        jax_damping, torch_damping = {"['0']": 0.1, "['2']": 0.2}, {"0": 0.1, "2": 0.2}
+    else:
+        curvature = EKFACLinearOperator(model_func, loss, params, jax_data, fisher_type="type-2")
+        jax_damping = torch_damping = "heuristic"
+    ours = InfluenceScorer(curvature, model_func, loss, params, damping=jax_damping)
+    torch_scorer = InfluenceScorer(
+        _curvature(kind, model, [(X, y)]),
+        model,
+        torch.nn.CrossEntropyLoss(),
+        list(model.parameters()),
+        damping=torch_damping,
+    )
+    assert ours.layer_names == ["['0']", "['2']"]
+    np.testing.assert_allclose(
+        list(ours.damping_per_layer.values()),
+        list(torch_scorer.damping_per_layer.values()),
+        rtol=1e-12,
+    )
+    jax_scores = ours.pairwise_scores([(X_q.numpy(), y_q.numpy())], jax_data, per_layer=True)
+    torch_scores = torch_scorer.pairwise_scores([(X_q, y_q)], [(X, y)], per_layer=True)
+    rtol = 1e-7 if kind == "ggn" else 1e-12  # two CG runs stop at sqrt(eps) residuals
+    for jax_layer, torch_layer in zip(jax_scores.values(), torch_scores.values()):
+        expected = torch_layer.numpy()
+        atol = rtol * np.abs(expected).max()
+        np.testing.assert_allclose(np.asarray(jax_layer), expected, atol=atol, rtol=0)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.cuda.amp.GradScaler:FutureWarning")  # kronfluence's
+def test_ekfac_scores_equal_kronfluence(tmp_path: object) -> None:
+    """EK-FAC (empirical Fisher) pairwise, per-module and self scores as kronfluence 1.0.1's."""
+    pytest.importorskip("kronfluence")
+    from benchmarks.kronfluence_runner import KronfluenceContender, tensor_dataset
+
+    model = _model()
+    X, y, X_q, y_q = _data()
+    params, loss = list(model.parameters()), torch.nn.CrossEntropyLoss()
+    E = EKFACLinearOperator(
+        model, loss, params, [(X, y)], fisher_type="empirical", separate_weight_and_bias=False
+    )
+    contender = KronfluenceContender(model, tmp_path, strategy="ekfac", empirical=True)
+    train, query = tensor_dataset(X, y), tensor_dataset(X_q, y_q)
+    contender.fit_factors(train, batch_size=N_TRAIN)
+    for damping in (1e-3, None):  # None: kronfluence's heuristic
+        ours = InfluenceScorer(E, model, loss, params, damping=damping or "heuristic")
+        theirs = contender.pairwise_scores(query, train, N_TRAIN, damping, per_module=True)
+        pairwise = ours.pairwise_scores([(X_q, y_q)], [(X, y)], per_layer=True)
+        assert list(pairwise) == list(theirs)
+        scale = max(float(t.abs().max()) for t in theirs.values())
+        for layer, scores in pairwise.items():
+            torch.testing.assert_close(scores, theirs[layer], rtol=0, atol=1e-10 * scale)
+        expected = contender.self_scores(train, N_TRAIN, damping)["all_modules"]
+        atol = 1e-10 * float(expected.abs().max())
+        torch.testing.assert_close(ours.self_scores([(X, y)]), expected, rtol=0, atol=atol)
+
+
 # --- bad input ----------------------------------------------------------------------
 def _scorer(**options: object) -> InfluenceScorer:
     model = _model()
