@@ -87,7 +87,8 @@ class KFACLinearOperator(CurvatureOperator):
     The factors are computed by :meth:`compute_kronecker_factors` (at the first
     product if not before); a product then costs two small matrix products
     per layer. Layers: ``torch.nn.Linear`` (inputs ``(N, ..., d_in)``, the
-    middle axes shared) and ``torch.nn.Conv2d`` (``groups=1``, zero padding);
+    middle axes shared), Hugging Face's ``Conv1D`` (GPT-2's, the same with the
+    weight stored ``(d_in, d_out)``) and ``torch.nn.Conv2d`` (``groups=1``, zero padding);
     in JAX, each ``dot_general`` or ``conv_general_dilated`` with a parameter
     leaf as weight, and a leaf added to its output as bias (``x @ W + b``,
     ``x @ W.T + b``, flax ``Dense``/``Conv``, equinox ``Linear``), named by
@@ -685,11 +686,13 @@ class EKFACLinearOperator(KFACLinearOperator):
     ``fisher_type="forward-only"``) and :math:`\Lambda` the second moments of
     the per-example gradients in that basis: the diagonal closest to the
     block in the Frobenius norm among those in the basis. A bias block uses
-    :math:`\sum_s g_{nsj}` alone. As in curvlinops-for-pytorch 3.0.1, the
-    model's outputs must be ``(N, C)`` (per-example gradients of coupled loss
-    terms are not formed). :meth:`compute_eigenvalue_correction` computes
-    :math:`\Lambda` (at the first product if not before) in a second pass over
-    the data.
+    :math:`\sum_s g_{nsj}` alone. With ``fisher_type="type-2"`` the model's
+    outputs must be ``(N, C)``, as in curvlinops-for-pytorch 3.0.1 (per-example
+    gradients of coupled loss terms are not formed); with ``"mc"`` and
+    ``"empirical"`` they may be sequences (``(N, S, C)``): each example's
+    gradient is then that of its summed terms, as kronfluence has it.
+    :meth:`compute_eigenvalue_correction` computes :math:`\Lambda` (at the
+    first product if not before) in a second pass over the data.
 
     Example:
         >>> import numpy as np, torch

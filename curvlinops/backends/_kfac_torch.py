@@ -4,8 +4,12 @@ Everything else about KFAC (covariances, normalisation, products, inverses)
 is in :mod:`curvlinops.kfac`, written against the backend's array namespace.
 This module hands it, per layer, the inputs as ``(N, S, d_in)`` and the
 gradients of the layer outputs as ``(k, N, S, d_out)``, with ``S`` the
-weight-sharing positions (1 for a ``Linear`` on ``(N, d_in)``, the output
-pixels for a convolution, whose inputs are unfolded into patches here).
+weight-sharing positions (1 for a ``Linear`` on ``(N, d_in)``, the tokens of
+a ``Linear`` on ``(N, ..., d_in)``, the output pixels for a convolution, whose
+inputs are unfolded into patches here). Hugging Face's ``Conv1D`` (GPT-2's
+linear layer, ``x @ W + b`` with ``W`` of shape ``(d_in, d_out)``) is a
+linear layer whose weight is stored transposed (``weight_layouts``); it is
+recognised by its class name and attributes, so transformers is not imported.
 
 Output gradients come from forward hooks that add a zero tensor to each
 layer's output: its gradient is the output gradient, and, unlike a hook on
@@ -29,6 +33,21 @@ __all__ = ["TorchKFACCapture"]
 SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d)
 
 
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is Hugging Face's ``Conv1D``: ``x @ W + b``, ``W`` ``(nx, nf)``."""
+    weight = getattr(module, "weight", None)
+    return (
+        type(module).__name__ == "Conv1D"
+        and isinstance(weight, torch.Tensor)
+        and weight.ndim == 2
+        and getattr(module, "nf", None) == weight.shape[1]
+    )
+
+
+def _is_supported(module: nn.Module) -> bool:
+    return isinstance(module, SUPPORTED_LAYERS) or is_hf_conv1d(module)
+
+
 class TorchKFACCapture:
     """Layers of an ``nn.Module`` whose parameters KFAC approximates, and their capture.
 
@@ -36,6 +55,8 @@ class TorchKFACCapture:
         mapping: Layer name -> ``{"weight": position, "bias": position}`` (the
             positions of the parameters in the operator's flat order), in the
             order of ``model.named_modules()``, as curvlinops-for-pytorch has it.
+        weight_layouts: Layer name -> the permutation of its weight's axes
+            into ``(out, in, ...)`` order (``(1, 0)`` for a ``Conv1D``).
     """
 
     def __init__(self, model_func: Any, param_names: list[str]) -> None:
@@ -48,6 +69,10 @@ class TorchKFACCapture:
             )
         self._model = model_func
         self.mapping, self._layers = _find_layers(model_func, param_names)
+        self.weight_layouts = {
+            name: (1, 0) if is_hf_conv1d(module) else _identity_layout(module)
+            for name, module in self._layers.items()
+        }
 
     def prepare(self, X: Any) -> None:
         """Nothing to prepare: hooks capture eagerly."""
@@ -202,6 +227,11 @@ def _explicit_padding(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return functional.pad(x, pads)
 
 
+def _identity_layout(module: nn.Module) -> tuple[int, ...]:
+    weight = getattr(module, "weight", None)
+    return tuple(range(2 if weight is None else weight.ndim))
+
+
 def _find_layers(
     model: nn.Module, param_names: list[str]
 ) -> tuple[dict[str, dict[str, int]], dict[str, nn.Module]]:
@@ -210,7 +240,7 @@ def _find_layers(
     mapping: dict[str, dict[str, int]] = {}
     layers: dict[str, nn.Module] = {}
     for module_name, module in model.named_modules():
-        if not isinstance(module, SUPPORTED_LAYERS):
+        if not _is_supported(module):
             continue
         prefix = f"{module_name}." if module_name else ""
         found = {
@@ -227,8 +257,8 @@ def _find_layers(
     if unmatched:
         raise value_error(
             "params",
-            "parameters of torch.nn.Linear or torch.nn.Conv2d layers (KFAC has a Kronecker "
-            "factorisation only for these)",
+            "parameters of torch.nn.Linear, torch.nn.Conv2d or Hugging Face Conv1D layers "
+            "(KFAC has a Kronecker factorisation only for these)",
             f"{unmatched}, {_owners(model, unmatched)}",
             "Leave them out of params (e.g. {n: p for n, p in model.named_parameters() "
             "if ...}), or approximate them with another operator.",
