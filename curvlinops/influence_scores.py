@@ -28,6 +28,7 @@ is reduced to its scores before the next is formed: no ``N × P`` array.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -39,6 +40,7 @@ from curvlinops._base import IdentityLinearOperator
 from curvlinops._checks import shape_error, type_error, value_error
 from curvlinops._curvature import _check_data, _split_batch
 from curvlinops._kfac_program import scale_in_eigenbasis
+from curvlinops._memory import MemoryEstimate, resolve_budget
 from curvlinops._operand import check_real
 from curvlinops.backends import Backend, make_backend
 from curvlinops.diagonal import DiagonalLinearOperator, _DiagonalProducts
@@ -139,6 +141,7 @@ class InfluenceScorer:
         self._scale = check_real(curvature_scale, "curvature_scale", minimum=0.0)
         if self._scale == 0.0:
             raise value_error("curvature_scale", "a positive number", "0")
+        self._curvature_kind = type(curvature).__name__
         self._layers = _layers_of(curvature, b)
         self.layer_names = list(self._layers)
         self._gradients = _PerExampleGradients(b, b.loss(loss_func), examples_per_pass)
@@ -147,6 +150,18 @@ class InfluenceScorer:
         )
 
     # --- layers -------------------------------------------------------------------
+    def settings(self, layers: Iterable[str] | None = None) -> dict[str, Any]:
+        """What the scores depend on besides the data (saved with them, checked on resuming)."""
+        return {
+            "curvature": self._curvature_kind,
+            "curvature_scale": self._scale,
+            "damping_per_layer": dict(self.damping_per_layer),
+            "layers": self.layer_names if layers is None else list(layers),
+            "num_params": int(self._offsets[-1]),
+            "dtype": str(np.dtype(self.backend.dtype)),
+            "backend": self.backend.name,
+        }
+
     def _rows(self, layer: str) -> list[tuple[int, int]]:
         """The row ranges of the flat parameter vector that ``layer`` holds."""
         return [(int(self._offsets[p]), int(self._offsets[p + 1])) for p in self._layers[layer]]
@@ -160,22 +175,29 @@ class InfluenceScorer:
         return self.backend.import_array(vector, "damping")[0]
 
     # --- gradients ----------------------------------------------------------------
-    def gradient_blocks(self, data: Iterable) -> Iterator[Any]:
-        """Per-example gradients of ``data``'s batches, in ``(P, examples_per_pass)`` blocks."""
+    def example_blocks(self, data: Iterable) -> Iterator[tuple[int, int, Any, Any]]:
+        """``(batch index, n, X rows, y rows)`` of ``data``, ``examples_per_pass`` at a time."""
         b, chunk = self.backend, self._gradients.chunk
         empty = True
         for index, batch in enumerate(_check_data(data)):
             X, y = _split_batch(batch, index)
             X, y = b.import_batch(X, index), b.import_batch(y, index)
-            for start in range(0, _leading_size(b, X), chunk):
+            n = _leading_size(b, X)
+            for start in range(0, n, chunk):
                 empty = False
-                X_rows, y_rows = (
-                    _rows(b, X, start, start + chunk),
-                    _rows(b, y, start, start + chunk),
-                )
-                yield self._gradients._compiled(b.primals, X_rows, y_rows)
+                stop = min(start + chunk, n)
+                yield index, stop - start, _rows(b, X, start, stop), _rows(b, y, start, stop)
         if empty:
             raise value_error("data", "at least one example in batches (X, y)", "no examples")
+
+    def gradients(self, X: Any, y: Any) -> Any:
+        """``(P, n)``: the per-example gradients of a block from :meth:`example_blocks`."""
+        return self._gradients._compiled(self.backend.primals, X, y)
+
+    def gradient_blocks(self, data: Iterable) -> Iterator[Any]:
+        """Per-example gradients of ``data``'s batches, in ``(P, examples_per_pass)`` blocks."""
+        for _, _, X, y in self.example_blocks(data):
+            yield self.gradients(X, y)
 
     def preconditioned_gradients(self, data: Iterable) -> Any:
         r"""``(P, T)``: :math:`(c\,C + D)^{-1} \nabla_w \ell(z_t)` for ``data``'s examples."""
@@ -184,55 +206,222 @@ class InfluenceScorer:
 
     # --- scores -------------------------------------------------------------------
     def pairwise_scores(
-        self, query_data: Iterable, train_data: Iterable, *, per_layer: bool = False
+        self,
+        query_data: Iterable,
+        train_data: Iterable,
+        *,
+        per_layer: bool = False,
+        layers: Iterable[str] | None = None,
+        memory_budget: float | None = None,
+        output_dir: Any = None,
     ) -> Any:
         """Scores ``(T, N)`` of ``T`` query against ``N`` training examples.
+
+        The preconditioned query gradients are held for a partition of the
+        queries at a time, as many as ``memory_budget`` allows (all by
+        default); the training gradients stream through, ``examples_per_pass``
+        at a time, once per query partition.
 
         Args:
             query_data: Re-iterable of ``(X, y)`` batches: the rows.
             train_data: Re-iterable of ``(X, y)`` batches: the columns.
             per_layer: Return ``{layer: (T, N)}`` (summing to the total).
+            layers: Only these layers (a layer partition): scores of their
+                parameters alone, and only their rows of the query gradients
+                are held. Default: all.
+            memory_budget: Bytes for the preconditioned query gradients and
+                the gradient blocks (default: all queries at once).
+            output_dir: A folder where each (query partition, training batch)
+                block of scores is saved as it is done, with the settings; a
+                rerun with the same settings loads the blocks found there
+                instead of computing them (resuming an interrupted run).
 
         Returns:
             A native ``(T, N)`` array, or a dict of them per layer.
         """
-        S = self.preconditioned_gradients(query_data)
-        blocks = [self._pair_block(S, G, per_layer) for G in self.gradient_blocks(train_data)]
-        return self._assemble(blocks, per_layer)
+        selection = self._selection(layers)
+        size = self._query_partition_size(selection, memory_budget)
+        store = None
+        if output_dir is not None:
+            from curvlinops.influence_store import ScoreBlockStore
 
-    def self_scores(self, train_data: Iterable, *, per_layer: bool = False) -> Any:
-        r"""Self-influence :math:`s_{ii}` ``(N,)`` of ``train_data``'s examples (or per layer)."""
-        blocks = [
-            self._self_block(self._precondition(G), G, per_layer)
-            for G in self.gradient_blocks(train_data)
+            settings = {
+                **self.settings(selection.names),
+                "per_layer": bool(per_layer),
+                "query_blocks_per_partition": size,
+                "examples_per_pass": self._gradients.chunk,
+            }
+            store = ScoreBlockStore(output_dir, "pairwise", settings, self.backend)
+        rows = [
+            self._pairwise_row(part, query_blocks, train_data, per_layer, selection, store)
+            for part, query_blocks in enumerate(_partitions(self.example_blocks(query_data), size))
         ]
-        return self._assemble(blocks, per_layer)
+        return self._assemble(rows, per_layer, selection, axis=0)
 
-    def _pair_block(self, S: Any, G: Any, per_layer: bool) -> Any:
+    def _pairwise_row(
+        self,
+        part: int,
+        query_blocks: list,
+        train_data: Iterable,
+        per_layer: bool,
+        selection: _Selection,
+        store: Any,
+    ) -> Any:
+        """One query partition's scores against all training batches (saved batch by batch)."""
+        S, row = None, []
+        batches = itertools.groupby(self.example_blocks(train_data), key=lambda block: block[0])
+        for index, examples in batches:
+            if store is not None and store.has(part, index):
+                row.append(store.get(part, index, per_layer))
+                continue
+            if S is None:  # computed only where a block is missing
+                S = self._concat(
+                    [
+                        selection.take(self._precondition(self.gradients(X, y)))
+                        for _, _, X, y in query_blocks
+                    ],
+                    axis=1,
+                )
+            blocks = [
+                self._pair_block(S, selection.take(self.gradients(X, y)), per_layer, selection)
+                for _, _, X, y in examples
+            ]
+            row.append(self._assemble(blocks, per_layer, selection))
+            if store is not None:
+                store.put(part, index, row[-1])
+        return self._assemble(row, per_layer, selection)
+
+    def self_scores(
+        self,
+        train_data: Iterable,
+        *,
+        per_layer: bool = False,
+        layers: Iterable[str] | None = None,
+    ) -> Any:
+        r"""Self-influence :math:`s_{ii}` ``(N,)`` of ``train_data``'s examples (or per layer).
+
+        ``layers`` restricts the scores to a layer partition's parameters (see
+        :meth:`pairwise_scores`).
+        """
+        selection = self._selection(layers)
+        blocks = []
+        for G in self.gradient_blocks(train_data):
+            R = selection.take(self._precondition(G))
+            blocks.append(self._self_block(R, selection.take(G), per_layer, selection))
+        return self._assemble(blocks, per_layer, selection)
+
+    def _pair_block(self, S: Any, G: Any, per_layer: bool, selection: _Selection) -> Any:
         if not per_layer:
             return S.T @ G
         return [
-            sum(S[start:stop].T @ G[start:stop] for start, stop in self._rows(layer))
-            for layer in self.layer_names
+            sum(S[start:stop].T @ G[start:stop] for start, stop in selection.rows[layer])
+            for layer in selection.names
         ]
 
-    def _self_block(self, R: Any, G: Any, per_layer: bool) -> Any:
+    def _self_block(self, R: Any, G: Any, per_layer: bool, selection: _Selection) -> Any:
         xp = self.backend.xp
         if not per_layer:
             return xp.sum(R * G, axis=0)
         return [
-            sum(xp.sum(R[start:stop] * G[start:stop], axis=0) for start, stop in self._rows(layer))
-            for layer in self.layer_names
+            sum(xp.sum(R[a:b] * G[a:b], axis=0) for a, b in selection.rows[layer])
+            for layer in selection.names
         ]
 
-    def _assemble(self, blocks: list[Any], per_layer: bool) -> Any:
-        concat = self.backend.concat
+    def _concat(self, blocks: list[Any], axis: int) -> Any:
+        return blocks[0] if len(blocks) == 1 else self.backend.concat(blocks, axis=axis)
+
+    def _assemble(
+        self, blocks: list[Any], per_layer: bool, selection: _Selection, axis: int = -1
+    ) -> Any:
         if not per_layer:
-            return blocks[0] if len(blocks) == 1 else concat(blocks, axis=-1)
+            return self._concat(blocks, axis)
+        if isinstance(blocks[0], dict):
+            return {
+                layer: self._concat([block[layer] for block in blocks], axis)
+                for layer in selection.names
+            }
         return {
-            layer: concat([block[i] for block in blocks], axis=-1)
-            for i, layer in enumerate(self.layer_names)
+            layer: self._concat([block[i] for block in blocks], axis)
+            for i, layer in enumerate(selection.names)
         }
+
+    # --- partitions ---------------------------------------------------------------
+    def _selection(self, layers: Iterable[str] | None) -> _Selection:
+        if layers is None:
+            return _Selection(self, self.layer_names)
+        names = list(layers) if not isinstance(layers, str) else [layers]
+        unknown = [name for name in names if name not in self._layers]
+        if unknown or not names:
+            raise value_error(
+                "layers",
+                f"a non-empty selection of the layers {self.layer_names}",
+                repr(names),
+                "Read the layers off InfluenceScorer(...).layer_names.",
+            )
+        return _Selection(self, [name for name in self.layer_names if name in names])
+
+    def _query_partition_size(self, selection: _Selection, memory_budget: Any) -> int | None:
+        """Query gradient blocks per partition: all, or as many as ``memory_budget`` holds."""
+        if memory_budget is None:
+            return None
+        budget, available = resolve_budget(memory_budget, self.backend.device)
+        itemsize = np.dtype(self.backend.dtype).itemsize
+        P, chunk = int(self._offsets[-1]), self._gradients.chunk
+        block = selection.size * chunk * itemsize  # one block of preconditioned query gradients
+        parts = {
+            "gradient and preconditioner blocks (3 x P x examples_per_pass)": 3
+            * P
+            * chunk
+            * itemsize
+        }
+        blocks = (budget - parts[next(iter(parts))]) // block
+        parts["preconditioned query gradients (one block)"] = block
+        estimate = MemoryEstimate(
+            "InfluenceScorer.pairwise_scores",
+            parts,
+            budget,
+            available,
+            fixes=["lower examples_per_pass", "pass layers= (a layer partition)"],
+        )
+        estimate.check()
+        return max(1, int(blocks))
+
+
+# --- partitions -------------------------------------------------------------------
+class _Selection:
+    """The rows of a selection of layers: their ranges in the flat vector and in the selection."""
+
+    def __init__(self, scorer: InfluenceScorer, names: list[str]) -> None:
+        self.names = names
+        self.ranges = [r for name in names for r in scorer._rows(name)]
+        self.whole = names == scorer.layer_names
+        self.rows: dict[str, list[tuple[int, int]]] = {}
+        offset = 0
+        for name in names:
+            self.rows[name] = []
+            for start, stop in scorer._rows(name):
+                self.rows[name].append((offset, offset + stop - start))
+                offset += stop - start
+        self.size = offset
+        self._concat = scorer.backend.concat
+
+    def take(self, M: Any) -> Any:
+        """The selected rows of ``M`` ``(P, K)`` (``M`` itself for all layers)."""
+        if self.whole:
+            return M
+        return self._concat([M[start:stop] for start, stop in self.ranges], axis=0)
+
+
+def _partitions(blocks: Iterator[Any], size: int | None) -> Iterator[list[Any]]:
+    """Consecutive lists of ``size`` blocks (all blocks for ``None``)."""
+    part: list[Any] = []
+    for block in blocks:
+        part.append(block)
+        if size is not None and len(part) == size:
+            yield part
+            part = []
+    if part:
+        yield part
 
 
 # --- layers -----------------------------------------------------------------------
