@@ -44,6 +44,7 @@ from curvlinops._influence_preconditioners import (
     layers_of,
     preconditioner,
 )
+from curvlinops._influence_tokens import kfac_of, query_blocks, token_scores
 from curvlinops._memory import MemoryEstimate, resolve_budget
 from curvlinops._operand import check_real
 from curvlinops.backends import make_backend
@@ -132,6 +133,7 @@ class InfluenceScorer:
         self._scale = check_real(curvature_scale, "curvature_scale", minimum=0.0)
         if self._scale == 0.0:
             raise value_error("curvature_scale", "a positive number", "0")
+        self._curvature = curvature
         self._curvature_kind = type(curvature).__name__
         self._layers = layers_of(curvature, b)
         self.layer_names = list(self._layers)
@@ -300,6 +302,25 @@ class InfluenceScorer:
             R = selection.take(self._precondition(G))
             blocks.append(self._self_block(R, selection.take(G), per_layer, selection))
         return self._assemble(blocks, per_layer, selection)
+
+    def per_token_scores(self, query_data: Iterable, train_data: Iterable) -> Any:
+        r"""Scores ``(T, N, S)`` of each token of ``N`` training sequences (kronfluence's).
+
+        The score of sequence :math:`n` splits over its tokens through each
+        linear layer's weight gradient :math:`\sum_s g_{ns} a_{ns}^\top`: token
+        :math:`s` scores :math:`\sum_l g_{ns}^\top S_q a_{ns}` (plus the bias
+        term), and the tokens' scores sum to :meth:`pairwise_scores`. Needs
+        a :class:`~curvlinops.KFACLinearOperator` or
+        :class:`~curvlinops.EKFACLinearOperator` as curvature (its layers
+        give the tokens' inputs and output gradients) and training batches of
+        equal sequence length.
+        """
+        K = kfac_of(self._curvature)
+        pieces = query_blocks(K, self.preconditioned_gradients(query_data))
+        blocks = [
+            token_scores(self, K, pieces, X, y) for _, _, X, y in self.example_blocks(train_data)
+        ]
+        return self._concat(blocks, axis=1)
 
     def _pair_block(self, S: Any, G: Any, per_layer: bool, selection: _Selection) -> Any:
         if not per_layer:
