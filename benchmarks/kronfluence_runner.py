@@ -97,12 +97,15 @@ class KronfluenceContender:
             overwrite_output_dir=True,
         )
 
-    def _score_args(self, damping: float | None, per_module: bool) -> Any:
+    def _score_args(self, damping: float | None, per_module: bool, rank: int | None = None) -> Any:
         from kronfluence.arguments import ScoreArguments
 
         return ScoreArguments(
             damping_factor=damping,
             compute_per_module_scores=per_module,
+            query_gradient_low_rank=rank,
+            use_full_svd=True,
+            query_gradient_svd_dtype=self.dtype,
             per_sample_gradient_dtype=self.dtype,
             precondition_dtype=self.dtype,
             score_dtype=self.dtype,
@@ -115,8 +118,12 @@ class KronfluenceContender:
         batch_size: int,
         damping: float | None,
         per_module: bool = False,
+        rank: int | None = None,
     ) -> dict[str, torch.Tensor]:
-        """``{"all_modules": (T, N)}`` (or one entry per module); ``damping=None``: heuristic."""
+        """``{"all_modules": (T, N)}`` (or one entry per module); ``damping=None``: heuristic.
+
+        ``rank``: the query gradients in low rank (full SVD).
+        """
         self.analyzer.compute_pairwise_scores(
             scores_name="pairwise",
             factors_name="factors",
@@ -124,7 +131,7 @@ class KronfluenceContender:
             train_dataset=train,
             per_device_query_batch_size=batch_size,
             per_device_train_batch_size=batch_size,
-            score_args=self._score_args(damping, per_module),
+            score_args=self._score_args(damping, per_module, rank),
             overwrite_output_dir=True,
         )
         return dict(self.analyzer.load_pairwise_scores("pairwise"))

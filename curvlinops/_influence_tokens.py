@@ -70,3 +70,40 @@ def token_scores(scorer: Any, K: Any, pieces: dict, X: Any, y: Any) -> Any:
             term = xp.sum(gM * a[..., None], axis=2)  # (n, S, T)
         total = term if total is None else total + term
     return xp.permute_dims(total, (2, 0, 1))
+
+
+# --- query gradients in low rank ----------------------------------------------------
+def low_rank_queries(scorer: Any, S: Any, rank: int) -> Any:
+    """``S`` ``(P, T)`` with each query's weight matrices truncated to ``rank`` (kronfluence's).
+
+    A layer's block of a query (``(d_out, d_in)``, with the bias as a last
+    column where KFAC keeps weight and bias in one block) is replaced by its
+    best rank-``rank`` approximation (truncated SVD) where both sides exceed
+    ``rank``; biases and smaller blocks stay as they are. Without KFAC, each
+    parameter with two or more axes is a ``(shape[0], rest)`` matrix.
+    """
+    xp = scorer.backend.xp
+
+    def truncate(M: Any) -> Any:
+        d_out, d_in, T = M.shape
+        if min(d_out, d_in) <= rank:
+            return M
+        U, sigma, Vh = xp.linalg.svd(xp.permute_dims(M, (2, 0, 1)), full_matrices=False)
+        approximation = (U[..., :rank] * sigma[:, None, :rank]) @ Vh[:, :rank, :]
+        return xp.permute_dims(approximation, (1, 2, 0))
+
+    from curvlinops.kfac import KFACInverseLinearOperator, KFACLinearOperator
+
+    curvature = scorer._curvature
+    K = curvature._A if isinstance(curvature, KFACInverseLinearOperator) else curvature
+    if isinstance(K, KFACLinearOperator):
+        return K._program.blockwise(S, lambda name, part, M: truncate(M))
+    blocks = []
+    for position, shape in enumerate(scorer.backend.param_shapes):
+        rows = S[int(scorer._offsets[position]) : int(scorer._offsets[position + 1])]
+        if len(shape) < 2:
+            blocks.append(rows)
+            continue
+        M = truncate(xp.reshape(rows, (shape[0], -1, S.shape[1])))
+        blocks.append(xp.reshape(M, (-1, S.shape[1])))
+    return xp.concat(blocks, axis=0)

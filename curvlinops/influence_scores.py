@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from curvlinops._checks import value_error
+from curvlinops._checks import check_positive_int, value_error
 from curvlinops._curvature import _check_data, _split_batch
 from curvlinops._influence_preconditioners import (
     HEURISTIC_DAMPING,
@@ -44,7 +44,7 @@ from curvlinops._influence_preconditioners import (
     layers_of,
     preconditioner,
 )
-from curvlinops._influence_tokens import kfac_of, query_blocks, token_scores
+from curvlinops._influence_tokens import kfac_of, low_rank_queries, query_blocks, token_scores
 from curvlinops._memory import MemoryEstimate, resolve_budget
 from curvlinops._operand import check_real
 from curvlinops.backends import make_backend
@@ -207,6 +207,7 @@ class InfluenceScorer:
         layers: Iterable[str] | None = None,
         memory_budget: float | None = None,
         output_dir: Any = None,
+        query_rank: int | None = None,
     ) -> Any:
         """Scores ``(T, N)`` of ``T`` query against ``N`` training examples.
 
@@ -228,12 +229,19 @@ class InfluenceScorer:
                 block of scores is saved as it is done, with the settings; a
                 rerun with the same settings loads the blocks found there
                 instead of computing them (resuming an interrupted run).
+            query_rank: Truncate each query's preconditioned gradient, layer by
+                layer, to this rank (kronfluence's ``query_gradient_low_rank``
+                with ``use_full_svd=True``): a layer's ``(d_out, d_in)`` block
+                (bias as a last column where KFAC keeps one block) becomes its
+                best rank-``query_rank`` approximation where both sides
+                exceed it. The truncated gradients are held densely.
 
         Returns:
             A native ``(T, N)`` array, or a dict of them per layer.
         """
         selection = self._selection(layers)
         size = self._query_partition_size(selection, memory_budget)
+        rank = None if query_rank is None else check_positive_int(query_rank, "query_rank")
         store = None
         if output_dir is not None:
             from curvlinops.influence_store import ScoreBlockStore
@@ -243,10 +251,11 @@ class InfluenceScorer:
                 "per_layer": bool(per_layer),
                 "query_blocks_per_partition": size,
                 "examples_per_pass": self._gradients.chunk,
+                "query_rank": query_rank,
             }
             store = ScoreBlockStore(output_dir, "pairwise", settings, self.backend)
         rows = [
-            self._pairwise_row(part, query_blocks, train_data, per_layer, selection, store)
+            self._pairwise_row(part, query_blocks, train_data, per_layer, selection, store, rank)
             for part, query_blocks in enumerate(_partitions(self.example_blocks(query_data), size))
         ]
         return self._assemble(rows, per_layer, selection, axis=0)
@@ -259,6 +268,7 @@ class InfluenceScorer:
         per_layer: bool,
         selection: _Selection,
         store: Any,
+        rank: int | None,
     ) -> Any:
         """One query partition's scores against all training batches (saved batch by batch)."""
         S, row = None, []
@@ -270,7 +280,7 @@ class InfluenceScorer:
             if S is None:  # computed only where a block is missing
                 S = self._concat(
                     [
-                        selection.take(self._precondition(self.gradients(X, y)))
+                        selection.take(self._query_gradients(X, y, rank))
                         for _, _, X, y in query_blocks
                     ],
                     axis=1,
@@ -302,6 +312,11 @@ class InfluenceScorer:
             R = selection.take(self._precondition(G))
             blocks.append(self._self_block(R, selection.take(G), per_layer, selection))
         return self._assemble(blocks, per_layer, selection)
+
+    def _query_gradients(self, X: Any, y: Any, rank: int | None) -> Any:
+        """Preconditioned gradients of a block of queries, in low rank for a ``rank``."""
+        S = self._precondition(self.gradients(X, y))
+        return S if rank is None else low_rank_queries(self, S, rank)
 
     def per_token_scores(self, query_data: Iterable, train_data: Iterable) -> Any:
         r"""Scores ``(T, N, S)`` of each token of ``N`` training sequences (kronfluence's).

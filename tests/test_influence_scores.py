@@ -265,6 +265,36 @@ def test_ekfac_scores_equal_kronfluence(tmp_path: object) -> None:
         expected = contender.self_scores(train, N_TRAIN, damping)["all_modules"]
         atol = 1e-10 * float(expected.abs().max())
         torch.testing.assert_close(ours.self_scores([(X, y)]), expected, rtol=0, atol=atol)
+    # query gradients in rank 2 (both layers' blocks, 5 x 5 and 3 x 6, are truncated)
+    theirs = contender.pairwise_scores(query, train, N_TRAIN, None, rank=2)["all_modules"]
+    low_rank = ours.pairwise_scores([(X_q, y_q)], [(X, y)], query_rank=2)
+    atol = 1e-10 * float(theirs.abs().max())
+    torch.testing.assert_close(low_rank, theirs, rtol=0, atol=atol)
+    assert float((low_rank - ours.pairwise_scores([(X_q, y_q)], [(X, y)])).abs().max()) > atol
+
+
+def test_query_rank_truncates_each_parameter_matrix() -> None:
+    """Without KFAC, each weight ``(d_out, d_in)`` of a query is truncated by SVD."""
+    model = _model()
+    X, y, X_q, y_q = _data()
+    params = list(model.parameters())
+    identity = IdentityLinearOperator(sum(p.numel() for p in params))
+    scorer = InfluenceScorer(identity, model, torch.nn.CrossEntropyLoss(), params)
+    G_q, G_t = _per_example_gradients(model, X_q, y_q), _per_example_gradients(model, X, y)
+    truncated, start = [], 0
+    for p in params:
+        rows = G_q[start : start + p.numel()]
+        start += p.numel()
+        if p.ndim == 2:
+            matrices = np.moveaxis(rows.reshape(*p.shape, -1), -1, 0)
+            U, sigma, Vh = np.linalg.svd(matrices, full_matrices=False)
+            rows = np.moveaxis((U[..., :2] * sigma[:, None, :2]) @ Vh[:, :2], 0, -1)
+        truncated.append(rows.reshape(p.numel(), -1))
+    expected = np.concatenate(truncated).T @ G_t
+    ours = scorer.pairwise_scores([(X_q, y_q)], [(X, y)], query_rank=2).numpy()
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-12 * np.abs(expected).max())
+    with pytest.raises(ValueError, match="query_rank"):
+        scorer.pairwise_scores([(X_q, y_q)], [(X, y)], query_rank=0)
 
 
 # --- bad input ----------------------------------------------------------------------
