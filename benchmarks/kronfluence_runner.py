@@ -14,11 +14,14 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 
 
-def _task(kind: str, empirical: bool) -> Any:
+def _task(kind: str, empirical: bool, modules: list[str] | None) -> Any:
     from kronfluence.task import Task
 
     class SummedCrossEntropy(Task):
         """Cross-entropy summed over examples (and tokens, for a language model)."""
+
+        def get_influence_tracked_modules(self) -> list[str] | None:
+            return modules
 
         def _logits_and_targets(self, batch: Any, model: torch.nn.Module) -> tuple[Any, Any]:
             inputs, labels = batch
@@ -52,6 +55,7 @@ class KronfluenceContender:
         strategy: ``"ekfac"``, ``"kfac"``, ``"diagonal"`` or ``"identity"``.
         empirical: Empirical Fisher (data targets), else sampled targets.
         dtype: The dtype of every factor and score.
+        modules: The names of the modules to track (default: every Linear/Conv2d).
     """
 
     def __init__(
@@ -62,11 +66,12 @@ class KronfluenceContender:
         strategy: str = "ekfac",
         empirical: bool = True,
         dtype: torch.dtype = torch.float64,
+        modules: list[str] | None = None,
     ) -> None:
         from kronfluence.analyzer import Analyzer, prepare_model
         from kronfluence.arguments import FactorArguments
 
-        task = _task(kind, empirical)
+        task = _task(kind, empirical, modules)
         wrapped = prepare_model(copy.deepcopy(model), task)
         self.analyzer = Analyzer(
             analysis_name="contender",
