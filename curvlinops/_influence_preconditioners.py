@@ -12,15 +12,14 @@ import math
 from typing import Any
 
 import numpy as np
-from scipy.sparse.linalg import LinearOperator as ScipyLinearOperator
 
 from curvlinops._base import IdentityLinearOperator
-from curvlinops._checks import shape_error, type_error, value_error
+from curvlinops._checks import type_error, value_error
 from curvlinops._kfac_program import scale_in_eigenbasis
 from curvlinops._operand import check_real
 from curvlinops.backends import Backend
 from curvlinops.diagonal import DiagonalLinearOperator, _DiagonalProducts
-from curvlinops.influence import _default_tol
+from curvlinops.influence import _check_hessian, _default_tol
 from curvlinops.inverse import CGInverseLinearOperator, _InverseBase
 from curvlinops.kfac import EKFACLinearOperator, KFACInverseLinearOperator, KFACLinearOperator
 
@@ -229,21 +228,7 @@ def _resolve_damping(damping: Any, scorer: Any, means: dict[str, float] | None) 
 
 def check_curvature(curvature: Any, P: int, b: Backend) -> Any:
     """A ``P × P`` operator of the parameters' backend (or framework-free)."""
-    if not (isinstance(curvature, ScipyLinearOperator) or hasattr(curvature, "shape")):
-        raise type_error("curvature", f"a {P} x {P} operator (e.g. GGNLinearOperator)", curvature)
-    if tuple(curvature.shape) != (P, P):
-        raise shape_error(
-            "curvature",
-            f"a ({P}, {P}) operator for the {P} parameters",
-            tuple(curvature.shape),
-            "Build it from the same parameters.",
-        )
-    other = getattr(curvature, "backend", None)
-    if other is not None and other.name != b.name:
-        raise type_error(
-            "curvature", f"an operator of the {b.name} backend, like params", curvature
-        )
-    return curvature
+    return _check_hessian(curvature, P, b, "curvature")
 
 
 def _refuse_cg_options(curvature: Any, tol: Any, maxiter: Any) -> None:

@@ -430,19 +430,19 @@ def _leading_size(b: Backend, tree: Any) -> int:
     return int(leaves[0].shape[0])
 
 
-def _check_hessian(hessian: Any, P: int, b: Backend) -> Any:
+def _check_hessian(hessian: Any, P: int, b: Backend, argument: str = "hessian") -> Any:
     if not (isinstance(hessian, ScipyLinearOperator) or hasattr(hessian, "shape")):
-        raise type_error("hessian", f"a {P} x {P} operator (e.g. HessianLinearOperator)", hessian)
+        raise type_error(argument, f"a {P} x {P} operator (e.g. HessianLinearOperator)", hessian)
     if tuple(hessian.shape) != (P, P):
         raise shape_error(
-            "hessian",
+            argument,
             f"a ({P}, {P}) operator for the {P} parameters",
             tuple(hessian.shape),
             "Build it from the same parameters.",
         )
     other = getattr(hessian, "backend", None)
     if other is not None and other.name != b.name:
-        raise type_error("hessian", f"an operator of the {b.name} backend, like params", hessian)
+        raise type_error(argument, f"an operator of the {b.name} backend, like params", hessian)
     return hessian
 
 

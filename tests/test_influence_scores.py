@@ -179,10 +179,10 @@ def test_curvature_scale_and_inverse_operator() -> None:
 
 
 # --- across backends and against kronfluence ---------------------------------------
-def _jax_problem() -> tuple:
-    """The torch model's weights as a JAX dict ``{layer: {weight, bias}}`` and function."""
+def jax_twin(model: torch.nn.Module) -> tuple:
+    """The Linear-Tanh-Linear model's weights as a JAX dict ``{layer: {weight, bias}}`` and
+    the function computing the same outputs (on inputs of any leading axes)."""
     jnp = pytest.importorskip("jax.numpy")
-    model = _model()
     params = {
         layer: {
             "weight": jnp.asarray(getattr(model, layer).weight.detach().numpy()),
@@ -195,7 +195,7 @@ def _jax_problem() -> tuple:
         h = jnp.tanh(x @ p["0"]["weight"].T + p["0"]["bias"])
         return h @ p["2"]["weight"].T + p["2"]["bias"]
 
-    return model, model_func, params
+    return model_func, params
 
 
 @pytest.mark.parametrize("kind", ["ggn", "ekfac"])
@@ -206,7 +206,8 @@ def test_jax_scores_equal_torch_scores(kind: str) -> None:
     """
     from curvlinops import losses
 
-    model, model_func, params = _jax_problem()
+    model = _model()
+    model_func, params = jax_twin(model)
     X, y, X_q, y_q = _data()
     jax_data = [(X.numpy(), y.numpy())]
     loss = losses.CrossEntropyLoss()

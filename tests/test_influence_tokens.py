@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_influence_scores import jax_twin
 
 from curvlinops import EKFACLinearOperator, GGNLinearOperator, losses
 from curvlinops.influence_scores import InfluenceScorer
@@ -61,20 +62,8 @@ def test_per_token_scores_need_kfac() -> None:
 
 
 def test_jax_token_scores_equal_torch_token_scores() -> None:
-    jnp = pytest.importorskip("jax.numpy")
     model, X, y = _problem()
-    params = {
-        layer: {
-            "weight": jnp.asarray(getattr(model, layer).weight.detach().numpy()),
-            "bias": jnp.asarray(getattr(model, layer).bias.detach().numpy()),
-        }
-        for layer in ("0", "2")
-    }
-
-    def model_func(p: dict, x: object) -> object:
-        h = jnp.tanh(x @ p["0"]["weight"].T + p["0"]["bias"])
-        return h @ p["2"]["weight"].T + p["2"]["bias"]
-
+    model_func, params = jax_twin(model)
     loss = losses.CrossEntropyLoss(reduction="sum", class_axis=-1)
     data = [(X.numpy(), y.numpy())]
     E = EKFACLinearOperator(model_func, loss, params, data, fisher_type="empirical")
