@@ -29,6 +29,9 @@ HEURISTIC_DAMPING = "heuristic"
 HEURISTIC_DAMPING_SCALE = 0.1
 """kronfluence's factor of the mean eigenvalue in its heuristic damping."""
 
+DEFAULT_DAMPING = 1e-8
+"""The damping when none is given: kronfluence's default ``damping_factor``."""
+
 DIAGONAL_COLUMNS_PER_PASS = 64
 """Unit vectors multiplied at once to read a generic operator's diagonal (heuristic damping)."""
 
@@ -56,7 +59,10 @@ def preconditioner(
     curvature: Any, scorer: Any, damping: Any, tol: Any, maxiter: Any
 ) -> tuple[Any, dict[str, float]]:
     r"""``(apply, damping per layer)``: ``apply(G)`` is :math:`(c\,C + D)^{-1} G`."""
-    if isinstance(curvature, (KFACInverseLinearOperator, _InverseBase)):
+    is_inverse = isinstance(curvature, (KFACInverseLinearOperator, _InverseBase))
+    if damping is None:
+        damping = 0.0 if is_inverse else DEFAULT_DAMPING
+    if is_inverse:
         if not (isinstance(damping, (int, float)) and damping == 0 and scorer._scale == 1.0):
             raise value_error(
                 "damping/curvature_scale",

@@ -24,6 +24,13 @@ Per-example gradients are computed by ``vmap`` over ``examples_per_pass``
 examples at a time; the preconditioned query gradients (``P × T``) are
 formed once and each block of training gradients (``P × examples_per_pass``)
 is reduced to its scores before the next is formed: no ``N × P`` array.
+
+Beyond pairwise and self scores: per-layer scores (``per_layer=True``),
+per-token scores of sequence models (:meth:`InfluenceScorer.per_token_scores`),
+query gradients in low rank (``query_rank``), query partitions within a
+memory budget and layer partitions (``memory_budget``, ``layers``), and runs
+that save their blocks as they go and resume (``output_dir``; see
+:mod:`curvlinops.influence_store` for saved factors and scores).
 """
 
 from __future__ import annotations
@@ -85,7 +92,9 @@ class InfluenceScorer:
             batch of one example is :math:`\ell(z)` (kronfluence sums a
             sequence's token losses: use ``reduction="sum"`` for that).
         damping: :math:`\lambda \ge 0` for every layer, a dict ``{layer:
-            λ_l}`` naming every layer, or ``"heuristic"``.
+            λ_l}`` naming every layer, or ``"heuristic"``. Default:
+            kronfluence's ``1e-8`` (none for an inverse operator, which holds
+            its own).
         curvature_scale: :math:`c > 0` (e.g. ``1 / N`` for a curvature of a
             summed loss over ``N`` examples).
         tol, maxiter: CG's residual tolerance (default: the square root of
@@ -118,7 +127,7 @@ class InfluenceScorer:
         loss_func: Any,
         params: Any,
         *,
-        damping: float | str | dict[str, float] = 0.0,
+        damping: float | str | dict[str, float] | None = None,
         curvature_scale: float = 1.0,
         tol: float | None = None,
         maxiter: int | None = None,

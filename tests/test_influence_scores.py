@@ -170,6 +170,9 @@ def test_curvature_scale_and_inverse_operator() -> None:
     )
     inverse = KFACInverseLinearOperator(K, damping=0.1, use_exact_damping=True)
     given = InfluenceScorer(inverse, model, loss, params)
+    assert given.damping_per_layer == {"0": 0.0, "2": 0.0}  # the inverse holds its damping
+    default = InfluenceScorer(K, model, loss, params)
+    assert default.damping_per_layer == {"0": 1e-8, "2": 1e-8}  # kronfluence's default
     torch.testing.assert_close(
         given.pairwise_scores([(X_q, y_q)], [(X, y)]),
         plain.pairwise_scores([(X_q, y_q)], [(X, y)]),
