@@ -283,7 +283,7 @@ def test_query_rank_truncates_each_parameter_matrix() -> None:
     X, y, X_q, y_q = _data()
     params = list(model.parameters())
     identity = IdentityLinearOperator(sum(p.numel() for p in params))
-    scorer = InfluenceScorer(identity, model, torch.nn.CrossEntropyLoss(), params)
+    scorer = InfluenceScorer(identity, model, torch.nn.CrossEntropyLoss(), params, damping=0.0)
     G_q, G_t = _per_example_gradients(model, X_q, y_q), _per_example_gradients(model, X, y)
     truncated, start = [], 0
     for p in params:
