@@ -75,6 +75,9 @@ class LanguageModel(nn.Module):
             attn_pdrop=0.0,
             bos_token_id=0,
             eos_token_id=0,
+            # per-example gradients vmap the model: PyTorch has no batching rule for the
+            # CPU flash kernel of the default "sdpa" attention (it would loop over examples)
+            attn_implementation="eager",
         )
         self.gpt = GPT2LMHeadModel(config)
 
