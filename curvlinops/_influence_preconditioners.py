@@ -19,7 +19,7 @@ from curvlinops._kfac_program import scale_in_eigenbasis
 from curvlinops._operand import check_real
 from curvlinops.backends import Backend
 from curvlinops.diagonal import DiagonalLinearOperator, _DiagonalProducts
-from curvlinops.influence import _check_hessian, _default_tol
+from curvlinops.influence import _check_hessian, _check_no_cg_options, _default_tol
 from curvlinops.inverse import CGInverseLinearOperator, _InverseBase
 from curvlinops.kfac import EKFACLinearOperator, KFACInverseLinearOperator, KFACLinearOperator
 
@@ -70,13 +70,13 @@ def preconditioner(
                 f"{damping!r} and {scorer._scale!r}",
                 "Give the damping to the inverse when you build it, or pass the operator itself.",
             )
-        _refuse_cg_options(curvature, tol, maxiter)
+        _check_no_cg_options(curvature, tol, maxiter)
         return (lambda G: curvature._native(G, False)), dict.fromkeys(scorer._layers, 0.0)
     if isinstance(curvature, KFACLinearOperator):
-        _refuse_cg_options(curvature, tol, maxiter)
+        _check_no_cg_options(curvature, tol, maxiter)
         return _kfac_preconditioner(curvature, scorer, damping)
     if isinstance(curvature, (_DiagonalProducts, IdentityLinearOperator)):
-        _refuse_cg_options(curvature, tol, maxiter)
+        _check_no_cg_options(curvature, tol, maxiter)
         d = _diagonal_of(curvature, scorer.backend) * scorer._scale
         dampings = _resolve_damping(damping, scorer, _layer_means(d, scorer))
         inverse = 1.0 / (d + scorer._per_layer(dampings))
@@ -235,14 +235,3 @@ def _resolve_damping(damping: Any, scorer: Any, means: dict[str, float] | None) 
 def check_curvature(curvature: Any, P: int, b: Backend) -> Any:
     """A ``P × P`` operator of the parameters' backend (or framework-free)."""
     return _check_hessian(curvature, P, b, "curvature")
-
-
-def _refuse_cg_options(curvature: Any, tol: Any, maxiter: Any) -> None:
-    for argument, value in (("tol", tol), ("maxiter", maxiter)):
-        if value is not None:
-            raise value_error(
-                argument,
-                f"None for a {type(curvature).__name__} (no CG solve runs)",
-                repr(value),
-                f"Leave {argument} out, or pass an operator to solve by CG.",
-            )
