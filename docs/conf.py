@@ -43,6 +43,7 @@ extensions = [
 exclude_patterns = ["_build", "**/README.md", "_ext"]
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
 root_doc = "index"
+highlight_language = "text"  # unlabelled blocks: command lines and printed tables
 
 # docstrings
 autodoc_member_order = "bysource"
@@ -77,7 +78,8 @@ katex_prerender = False
 # HTML
 html_theme = "pydata_sphinx_theme"
 html_title = f"curvlinops {release}"
-html_static_path = [str(_katex_static)]
+html_static_path = ["_static", str(_katex_static)]
+html_css_files = ["custom.css"]
 html_theme_options = {
     "navigation_with_keys": False,
     "show_toc_level": 2,

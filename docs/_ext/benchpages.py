@@ -14,14 +14,20 @@ from pathlib import Path
 PAGE = "benchmarks/results"  # docname under the source folder; generated
 
 
-def demoted(markdown: str, levels: int) -> str:
-    """``markdown`` with every heading ``levels`` deeper (code fences left alone)."""
+def demoted(markdown: str, top: int) -> str:
+    """``markdown`` with its headings shifted so that the highest is of level ``top``."""
+    heading = re.compile(r"(#{1,6}) ")
+    fenced, levels = False, []
+    for line in markdown.splitlines():
+        fenced = fenced != line.startswith("```")
+        if not fenced and (match := heading.match(line)):
+            levels.append(len(match.group(1)))
+    shift = top - min(levels, default=top)
     lines, fenced = [], False
     for line in markdown.splitlines():
-        if line.startswith("```"):
-            fenced = not fenced
-        if not fenced and re.match(r"#{1,5} ", line):
-            line = "#" * levels + line
+        fenced = fenced != line.startswith("```")
+        if not fenced and heading.match(line):
+            line = "#" * shift + line if shift >= 0 else line[-shift:]
         lines.append(line)
     return "\n".join(lines)
 
@@ -37,9 +43,16 @@ def page_text(latest: Path, figures: Path) -> str:
         "",
     ]
     for run in sorted(p for p in latest.iterdir() if p.is_dir()):
-        lines += [f"## `{run.name}`", ""]
-        for table in sorted(run.glob("*.md")):
-            lines += [f"### `{table.name}`", "", demoted(table.read_text(encoding="utf-8"), 2), ""]
+        lines += [f"## {run.name}", ""]
+        tables = sorted(run.glob("*.md"))
+        for table in tables:
+            text = table.read_text(encoding="utf-8")
+            first, _, rest = text.partition("\n")
+            if first.startswith("#"):  # the run's own title: the section has one
+                text = rest
+            if len(tables) > 1:
+                lines += [f"### {table.stem}", ""]
+            lines += [demoted(text, 4 if len(tables) > 1 else 3), ""]
         for plot in sorted(run.glob("*.png")):
             target = figures / f"{run.name}-{plot.name}"
             shutil.copyfile(plot, target)
