@@ -184,6 +184,10 @@ def page_text(full: str, obj: object) -> str:
     lines.append(f".. {directive}:: {full}")
     if directive == "autoclass":
         lines += ["   :members:"]
+        if kind == "Operators":
+            # what private bases (the curvature operators' shared class) add, not
+            # the LinearOperator interface (on its own page) nor scipy's
+            lines += ["   :inherited-members: LinearOperator"]
         if "Enum" in {base.__name__ for base in inspect.getmro(obj)}:
             lines += ["   :undoc-members:"]
     return "\n".join(lines) + "\n"

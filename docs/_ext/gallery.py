@@ -128,7 +128,7 @@ def docstring_parts(script: Path) -> tuple[str, str]:
 
     doc = ast.get_docstring(ast.parse(script.read_text(encoding="utf-8"))) or script.stem
     title, _, body = doc.partition("\n")
-    return title.strip().rstrip("."), fenced_commands(body.strip())
+    return title.strip().rstrip("."), fenced_commands(body.strip("\n")).strip()
 
 
 def fenced_commands(text: str) -> str:

@@ -1,9 +1,10 @@
-"""The API reference's generator (docs/_ext/apipages.py): a page for every public name.
+"""The documentation's generators, without building the site (docs/_ext/).
 
-The built site is checked by docs/test_site.py (after the build, in .ci/run); this
-runs without Sphinx building anything: the generator writes its reST pages into a
-temporary folder, and every name of the public ``__all__`` lists must have one,
-with an autodoc directive for it, and a docstring for it to show.
+The API reference (apipages.py): every name of the public ``__all__`` lists gets a
+page with an autodoc directive for it, and a docstring for it to show. The gallery
+(gallery.py): a script's output and figures are kept, and a failing script fails
+the build. The built site itself is checked by docs/test_site.py (after the build,
+in .ci/run).
 """
 
 from __future__ import annotations
@@ -20,13 +21,22 @@ DOCS = Path(__file__).resolve().parents[1] / "docs"
 pytest.importorskip("sphinx", reason="the docs extra is not installed")
 
 
-@pytest.fixture(scope="module")
-def apipages():
+def _extension(name: str):
     sys.path.insert(0, str(DOCS / "_ext"))
     try:
-        yield importlib.import_module("apipages")
+        return importlib.import_module(name)
     finally:
         sys.path.remove(str(DOCS / "_ext"))
+
+
+@pytest.fixture(scope="module")
+def apipages():
+    return _extension("apipages")
+
+
+@pytest.fixture(scope="module")
+def gallery():
+    return _extension("gallery")
 
 
 def public_names() -> list[str]:
@@ -89,3 +99,45 @@ def test_a_name_added_to_all_gets_a_page(apipages, tmp_path, monkeypatch):
         ".. autofunction:: curvlinops.brand_new_function"
         in written["curvlinops.brand_new_function"].read_text()
     )
+
+
+SCRIPT_WITH_A_FIGURE = """\"\"\"A figure.
+
+    python examples/figure.py
+
+Writes a one-pixel PNG.
+\"\"\"
+import struct, zlib
+print("hello from the example")
+row = b"\\x00" + b"\\xff\\x00\\x00"
+raw = zlib.compress(row)
+def chunk(kind, data):
+    body = kind + data
+    return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+png = b"\\x89PNG\\r\\n\\x1a\\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 1, 1, 8, 2, 0, 0, 0))
+open("dot.png", "wb").write(png + chunk(b"IDAT", raw) + chunk(b"IEND", b""))
+"""
+
+
+def test_an_example_s_output_and_figures_are_kept(gallery, tmp_path):
+    script = tmp_path / "figure.py"
+    script.write_text(SCRIPT_WITH_A_FIGURE)
+    root = Path(__file__).resolve().parents[1]
+    record = gallery.run_example(script, root, tmp_path / "cache")
+    assert record["figures"] == ["files/dot.png"] and not record["reused"]
+    assert (tmp_path / "cache" / "figure" / "stdout.txt").read_text() == "hello from the example\n"
+    page = gallery.page_text(script, record, "_build/gallery")
+    assert "```bash\npython examples/figure.py\n```" in page  # the usage line as a shell block
+    assert "/_build/gallery/figure/files/dot.png" in page and "stdout.txt" in page
+    assert gallery.run_example(script, root, tmp_path / "cache")["reused"]  # same source: kept
+
+
+def test_a_failing_example_fails_the_build(gallery, tmp_path):
+    from sphinx.errors import ExtensionError
+
+    script = tmp_path / "broken.py"
+    script.write_text("raise SystemExit('this example is broken')\n")
+    root = Path(__file__).resolve().parents[1]
+    expected = "(?s)examples/broken.py failed.*this example is broken"
+    with pytest.raises(ExtensionError, match=expected):
+        gallery.run_example(script, root, tmp_path / "cache")
