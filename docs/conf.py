@@ -48,8 +48,7 @@ highlight_language = "text"  # unlabelled blocks: command lines and printed tabl
 # docstrings
 autodoc_member_order = "bysource"
 autodoc_typehints = "signature"
-autodoc_class_signature = "separated"
-autodoc_default_options = {"exclude-members": "__init__"}
+autodoc_class_signature = "mixed"
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_rtype = False

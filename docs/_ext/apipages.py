@@ -213,8 +213,10 @@ def index_text(sections: list[Section], pages: dict[str, list[tuple[str, str, st
         "``curvlinops.backends.__all__`` and the jobs' entry points has a page.",
         "",
     ]
-    toctree = []
+    toctrees = []
     for section in sections:
+        toctree = []
+        toctrees.append((section.title, toctree))
         lines += [f".. _{section.label}:", ""]
         lines += [section.title, "-" * len(section.title), "", section.intro, ""]
         lines += [f".. py:module:: {section.module}", ""]
@@ -229,7 +231,9 @@ def index_text(sections: list[Section], pages: dict[str, list[tuple[str, str, st
                 lines += [f"   * - :doc:`{full.rsplit('.', 1)[1]} <{full}>`", f"     - {summary}"]
                 toctree.append(full)
             lines.append("")
-    lines += [".. toctree::", "   :hidden:", "", *(f"   {p}" for p in toctree), ""]
+    for title, toctree in toctrees:  # one per section: the sidebar shows its title
+        lines += [".. toctree::", "   :hidden:", f"   :caption: {title}", ""]
+        lines += [*(f"   {p}" for p in toctree), ""]
     return "\n".join(lines)
 
 
