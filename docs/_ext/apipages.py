@@ -15,6 +15,7 @@ A cross-reference to a name that the docstrings spell by its defining module
 
 from __future__ import annotations
 
+import enum
 import importlib
 import inspect
 import pkgutil
@@ -181,7 +182,10 @@ def page_text(full: str, obj: object) -> str:
         value = " ".join(repr(obj).split())
         lines += [f".. py:data:: {full}", "", f"   ``{value[:300]}``"]
         return "\n".join(lines) + "\n"
-    lines.append(f".. {directive}:: {full}")
+    if kind == "Operators":  # else autodoc shows scipy's __new__(*args, **kwargs)
+        lines.append(f".. {directive}:: {full}{constructor_signature(obj)}")
+    else:
+        lines.append(f".. {directive}:: {full}")
     if directive == "autoclass":
         lines += ["   :members:"]
         if kind == "Operators":
@@ -191,6 +195,29 @@ def page_text(full: str, obj: object) -> str:
         if "Enum" in {base.__name__ for base in inspect.getmro(obj)}:
             lines += ["   :undoc-members:"]
     return "\n".join(lines) + "\n"
+
+
+def constructor_signature(cls: type) -> str:
+    """``(a, b=1, *, c=None)``: the parameters of ``cls(...)``, without annotations."""
+    signature = inspect.signature(cls)
+    empty = inspect.Parameter.empty
+    parameters = [
+        p.replace(annotation=empty, default=_Shown(p.default))
+        if isinstance(p.default, enum.Enum)
+        else p.replace(annotation=empty)
+        for p in signature.parameters.values()
+    ]
+    return str(signature.replace(parameters=parameters, return_annotation=empty))
+
+
+class _Shown:
+    """An enum member as written in code (``FisherType.MC``), not as its repr."""
+
+    def __init__(self, member: enum.Enum):
+        self.text = f"{type(member).__name__}.{member.name}"
+
+    def __repr__(self) -> str:
+        return self.text
 
 
 def _has_doc_comment(full: str) -> bool:
