@@ -3,8 +3,8 @@
 The API reference (apipages.py): every name of the public ``__all__`` lists gets a
 page with an autodoc directive for it, and a docstring for it to show. The gallery
 (gallery.py): a script's output and figures are kept, and a failing script fails
-the build. The built site itself is checked by docs/test_site.py (after the build,
-in .ci/run).
+the build. The getting-started guides' code runs as a reader would paste it. The
+built site itself is checked by docs/test_site.py (after the build, in .ci/run).
 """
 
 from __future__ import annotations
@@ -141,3 +141,42 @@ def test_a_failing_example_fails_the_build(gallery, tmp_path):
     expected = "(?s)examples/broken.py failed.*this example is broken"
     with pytest.raises(ExtensionError, match=expected):
         gallery.run_example(script, root, tmp_path / "cache")
+
+
+# Guides whose code blocks run top to bottom as a reader would paste them.
+RUNNABLE_GUIDES = ["getting-started-pytorch.md", "getting-started-jax.md"]
+
+RUN_GUIDES = """
+import importlib.util, json, re, sys
+for path in json.loads(sys.argv[1]):
+    text = open(path, encoding="utf-8").read()
+    namespace = {}
+    for block in re.findall(r"```python\\n(.*?)```", text, re.S):
+        needs = re.findall(r"^import (\\w+)|^from (\\w+)", block, re.M)
+        if any(importlib.util.find_spec(a or b) is None for a, b in needs):
+            print(f"{path}: skipped a block that needs a package not installed")
+            continue
+        exec(compile(block, path, "exec"), namespace)
+    print(f"{path}: ran")
+"""
+
+
+def test_the_getting_started_guides_run():
+    pytest.importorskip("torch")
+    pytest.importorskip("jax")
+    import json
+    import os
+    import subprocess
+
+    paths = [str(DOCS / "guide" / name) for name in RUNNABLE_GUIDES]
+    root = str(Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+    done = subprocess.run(
+        [sys.executable, "-c", RUN_GUIDES, json.dumps(paths)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count(": ran") == len(paths), done.stdout
