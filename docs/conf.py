@@ -87,3 +87,5 @@ html_theme_options = {
 }
 html_show_sourcelink = False
 html_last_updated_fmt = None
+# pages without sub-pages: no empty left sidebar, the width goes to their tables
+html_sidebars = {"index": [], "guide/*": [], "benchmarks/*": []}
