@@ -48,6 +48,15 @@ def _is_supported(module: nn.Module) -> bool:
     return isinstance(module, SUPPORTED_LAYERS) or is_hf_conv1d(module)
 
 
+class ModelStateError(ValueError, RuntimeError):
+    """A model state that does not fit the model.
+
+    A ``ValueError`` (a wrong value), and a ``RuntimeError`` as the one of
+    ``nn.Module.load_state_dict`` that code written for curvlinops-for-pytorch
+    catches.
+    """
+
+
 class TorchKFACCapture:
     """Layers of an ``nn.Module`` whose parameters KFAC approximates, and their capture.
 
@@ -81,8 +90,47 @@ class TorchKFACCapture:
         """The model's ``state_dict()`` (what ``KFACLinearOperator.state_dict`` saves)."""
         return self._model.state_dict()
 
+    def check_model_state(self, state: Any, backend: Any) -> None:
+        """Raise unless ``state`` fits the model: the same entries, shapes and dtypes.
+
+        Checked before anything is loaded: ``load_state_dict`` writes entries one by
+        one and would leave the model half-overwritten when a later one does not fit.
+        """
+        argument = "state_dict['model_func_state_dict']"
+        fix = (
+            "Load a state saved from an operator of the same model architecture and dtype "
+            "(refused before loading state_dict into the model: nothing was written)."
+        )
+        if not isinstance(state, dict):
+            raise type_error(argument, "the model's state_dict() (a dict of tensors)", state)
+        own = self._model.state_dict()
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise ModelStateError(
+                value_error(
+                    argument,
+                    "the entries of this operator's model",
+                    f"missing {missing}, unexpected {unexpected}",
+                    fix,
+                )
+            )
+        for key, tensor in own.items():
+            saved = state[key]
+            if not isinstance(saved, torch.Tensor):
+                raise type_error(f"{argument}[{key!r}]", "a tensor", saved)
+            if saved.shape != tensor.shape or saved.dtype != tensor.dtype:
+                raise ModelStateError(
+                    value_error(
+                        f"{argument}[{key!r}]",
+                        f"shape {tuple(tensor.shape)} and dtype {tensor.dtype} (this model's)",
+                        f"shape {tuple(saved.shape)} and dtype {saved.dtype}",
+                        fix,
+                    )
+                )
+
     def load_model_state(self, state: dict[str, Any], backend: Any) -> None:
         """Load a model state in place: the operator's parameters share the model's memory."""
+        self.check_model_state(state, backend)
         self._model.load_state_dict(state)
 
     def forward(
