@@ -30,7 +30,7 @@ per-token scores of sequence models (:meth:`InfluenceScorer.per_token_scores`),
 query gradients in low rank (``query_rank``), query partitions within a
 memory budget and layer partitions (``memory_budget``, ``layers``), and runs
 that save their blocks as they go and resume (``output_dir``; see
-:mod:`curvlinops.influence_store` for saved factors and scores).
+``curvlinops.influence_store`` for saved factors and scores).
 """
 
 from __future__ import annotations
