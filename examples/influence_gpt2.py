@@ -1,6 +1,6 @@
 """Which training passages most influence a completion? EK-FAC influence on a small GPT-2.
 
-    python examples/influence_gpt2.py [--minutes 2] [--passages 2000]
+    python examples/influence_gpt2.py [--minutes 1] [--passages 500] [--no-jax]
 
 Offline: the corpus is ``pydoc_data.topics`` (Python's help texts, shipped with
 Python: 79 documents, 465 k characters), cut into passages of 64 characters
@@ -221,8 +221,8 @@ def jax_scores(model: LanguageModel, train_data: list, query: torch.Tensor, n: i
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--minutes", type=float, default=2.0, help="training time")
-    parser.add_argument("--passages", type=int, default=2000, help="training passages scored")
+    parser.add_argument("--minutes", type=float, default=1.0, help="training time")
+    parser.add_argument("--passages", type=int, default=500, help="training passages scored")
     parser.add_argument("--no-jax", dest="jax", action="store_false", help="skip the JAX run")
     args = parser.parse_args()
     torch.set_num_threads(1)
