@@ -46,6 +46,8 @@ RUNS = {
     "distributed_torch.py": Run(torchrun=2),
     # the script asks XLA for 4 host devices unless XLA_FLAGS is already set
     "distributed_jax.py": Run(drop_env=("XLA_FLAGS",)),
+    # the language-model example at a reduced size: the build's time budget is 2 minutes
+    "influence_gpt2.py": Run(args=("--minutes", "0.2", "--passages", "96")),
 }
 
 
