@@ -16,8 +16,14 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from curvlinops._checks import type_error
-from curvlinops.backends._arrays import map_structure
+from curvlinops._checks import type_error, value_error
+from curvlinops.backends._arrays import (
+    host_view,
+    is_host_array,
+    library_of,
+    map_structure,
+    placement_error,
+)
 from curvlinops.backends._protocol import (
     OPTIONAL,
     PROTOCOL_VERSION,
@@ -45,11 +51,20 @@ __all__ = [
     "BackendSpec",
     "check_backend",
     "detect_backend",
+    "host_view",
+    "is_host_array",
+    "library_of",
     "make_backend",
+    "map_structure",
+    "placement_error",
     "register",
     "registered",
+    "type_error",
     "unregister",
+    "value_error",
 ]
+# type_error ... placement_error: helpers for backend authors (messages in the library's
+# form, the caller's host arrays without copies, structures of arrays).
 
 
 def _is_torch(obj: Any) -> bool:

@@ -20,10 +20,17 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+
 from curvlinops import losses
-from curvlinops._checks import type_error, value_error
-from curvlinops.backends import BackendDefaults
-from curvlinops.backends._arrays import host_view, is_host_array, library_of, map_structure
+from curvlinops.backends import (
+    BackendDefaults,
+    host_view,
+    is_host_array,
+    library_of,
+    map_structure,
+    type_error,
+    value_error,
+)
 
 __all__ = ["MlxBackend"]
 
@@ -74,7 +81,7 @@ class MlxBackend(BackendDefaults):
             if not isinstance(leaf, mx.array):
                 if not (is_host_array(leaf) or isinstance(leaf, (np.generic, np.ndarray))):
                     raise type_error(f"data batch {index}", "arrays (mlx, numpy or host)", leaf)
-                leaf = mx.array(np.asarray(host_view(leaf)))
+                leaf = _from_numpy(np.asarray(host_view(leaf)))
             if mx.issubdtype(leaf.dtype, mx.floating) and leaf.dtype != self.mx_dtype:
                 leaf = leaf.astype(self.mx_dtype)  # a float64 input would promote the model
             return leaf
@@ -97,7 +104,7 @@ class MlxBackend(BackendDefaults):
             view = np.asarray(host_view(x))
             if view.dtype.kind not in "fiub":
                 raise type_error(argument, "a real array", x)
-            array, shared = mx.array(view.astype(self.dtype, copy=False)), False
+            array, shared = mx.array(view, dtype=self.mx_dtype), False
         else:
             raise type_error(
                 argument,
@@ -159,7 +166,9 @@ class MlxBackend(BackendDefaults):
         return 2 * bits.astype(self.mx_dtype) - 1
 
     def random_uniform(self, shape: tuple[int, ...], seed: int) -> mx.array:
-        return mx.random.uniform(shape=shape, dtype=self.mx_dtype, key=mx.random.key(seed))
+        # MLX draws uniform numbers in at most single precision
+        draws = mx.random.uniform(shape=shape, dtype=mx.float32, key=mx.random.key(seed))
+        return draws.astype(self.mx_dtype)
 
     # --- autodiff: MLX's transforms on flat lists of arrays ---------------
     def jvp(self, f: Callable, primals: tuple, tangents: tuple) -> tuple[Any, Any]:
@@ -277,7 +286,7 @@ def _import_param(name: str, leaf: Any) -> mx.array:
     if isinstance(leaf, mx.array):
         return leaf
     if isinstance(leaf, np.ndarray) and leaf.dtype.name in _DTYPES:
-        return mx.array(leaf)
+        return _from_numpy(leaf)
     raise type_error(
         f"params[{name}]",
         "an MLX array (all parameters of one framework)"
@@ -299,6 +308,12 @@ def _check_uniform(names: list[str], leaves: list[mx.array]) -> None:
                 f"{leaf.dtype} for {name}",
                 "Cast them, e.g. tree_map(lambda a: a.astype(mx.float32), params).",
             )
+
+
+def _from_numpy(array: np.ndarray) -> mx.array:
+    """An MLX copy of ``array`` in its own dtype (``mx.array`` alone makes float64 float32)."""
+    kind = getattr(mx, array.dtype.name, None) if array.dtype.kind in "fiub" else None
+    return mx.array(array) if kind is None else mx.array(array, dtype=kind)
 
 
 def _dtype_name(dtype: Any) -> str:
