@@ -46,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["CHECKS", "ConformanceProblem", "run_conformance"]
+__all__ = ["CHECKS", "ConformanceProblem", "float64_precision", "run_conformance"]
 
 _FD_TOL = 1e-6
 """Relative accuracy of the float64 central-difference references (their error is ~1e-9)."""
@@ -220,21 +220,28 @@ class _References:
 
     @functools.cached_property
     def precision(self) -> float:
-        """The backend's float64 accuracy, measured: its ``exp``/``log``/``tanh`` against numpy's.
-
-        MLX computes float64 ``exp`` to about 3e-7 (single precision), for example.
-        """
-        b, x = self.b, np.linspace(-3.0, 3.0, 101)
-        worst = float(np.finfo(np.float64).eps)
-        for name, points in (("exp", x), ("tanh", x), ("log", np.abs(x) + 0.1)):
-            exact = getattr(np, name)(points)
-            ours = b.to_numpy(getattr(b.xp, name)(b.import_array(points, "x")[0]))
-            worst = max(worst, float(np.abs(ours - exact).max() / np.abs(exact).max()))
-        return worst
+        """The backend's measured float64 accuracy (:func:`float64_precision`)."""
+        return float64_precision(self.b)
 
     def tolerance(self) -> float:
         """Relative tolerance of float64 comparisons: the references' or the backend's accuracy."""
         return max(_FD_TOL, 100 * self.precision)
+
+
+def float64_precision(backend: Any) -> float:
+    """The relative accuracy of a float64 backend's ``exp``, ``log`` and ``tanh``, measured.
+
+    Against numpy's, on a grid; at least float64's machine epsilon. MLX's CPU
+    computes float64 ``exp`` to about 3e-7 (single precision), for example:
+    comparisons of its float64 results need tolerances to match.
+    """
+    b, x = backend, np.linspace(-3.0, 3.0, 101)
+    worst = float(np.finfo(np.float64).eps)
+    for name, points in (("exp", x), ("tanh", x), ("log", np.abs(x) + 0.1)):
+        exact = getattr(np, name)(points)
+        ours = b.to_numpy(getattr(b.xp, name)(b.import_array(points, "x")[0]))
+        worst = max(worst, float(np.abs(ours - exact).max() / np.abs(exact).max()))
+    return worst
 
 
 def _apply_model(model_fn: Callable, p: Any, X: Any) -> Any:

@@ -13,9 +13,19 @@ from typing import Any
 
 import numpy as np
 import pytest
+from helpers import assert_close
 
-from curvlinops import losses
-from curvlinops.testing import CHECKS, ConformanceProblem
+from curvlinops import GGNLinearOperator, HessianLinearOperator, JacobianLinearOperator, losses
+from curvlinops.backends import (
+    BackendDefaults,
+    BackendSpec,
+    detect_backend,
+    make_backend,
+    register,
+    registered,
+    unregister,
+)
+from curvlinops.testing import CHECKS, ConformanceProblem, float64_precision, run_conformance
 
 HAS = {name: importlib.util.find_spec(name) is not None for name in ("torch", "jax", "mlx")}
 HAS["mlx"] = HAS["mlx"] and importlib.util.find_spec("curvlinops_mlx") is not None
@@ -84,7 +94,7 @@ def build_mlx(dtype: str) -> tuple:
 
 
 def build_mlx_module(dtype: str) -> tuple:
-    """An ``mlx.nn.Module`` with the same weights, real targets (numpy: converted by the backend)."""
+    """An ``mlx.nn.Module`` with the same weights; real targets, numpy (the backend converts)."""
     import mlx.core as mx
     import mlx.nn as nn
 
@@ -128,3 +138,181 @@ def _keys() -> list:
 @pytest.mark.parametrize("key", _keys())
 def test_conformance(key: str, check: str) -> None:
     CHECKS[check](conformance_problem(key))
+
+
+# --- the same weights, the same numbers --------------------------------------------------------
+CANONICAL = ("w1", "b1", "w2", "b2")
+TORCH_NAMES = {"0.weight": "w1", "0.bias": "b1", "2.weight": "w2", "2.bias": "b2"}
+
+
+def canonical_order(backend: Any) -> np.ndarray:
+    """Index of each canonical flat entry (w1, b1, w2, b2) in the operator's flat order."""
+    names = [TORCH_NAMES.get(n, n.strip("[]'\"")) for n in backend.param_names]
+    sizes = [int(np.prod(s)) for s in backend.param_shapes]
+    starts = dict(zip(names, np.cumsum([0, *sizes[:-1]])))
+    sizes = dict(zip(names, sizes))
+    return np.concatenate([starts[n] + np.arange(sizes[n]) for n in CANONICAL])
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_same_numbers_everywhere(dtype: str) -> None:
+    """H, G and J of the same weights and data agree across the installed backends."""
+    installed = [key for key in ("torch", "jax", "mlx") if HAS[key]]
+    if len(installed) < 2:
+        pytest.skip("needs two backends")
+    results, precisions = {}, []
+    for key in installed:
+        problem = conformance_problem(key)
+        model_func, params, data = problem.build(dtype)
+        loss = losses.CrossEntropyLoss(reduction="sum")
+        H = HessianLinearOperator(model_func, loss, params, data, check_deterministic=False)
+        G = GGNLinearOperator(model_func, loss, params, data, check_deterministic=False)
+        J = JacobianLinearOperator(model_func, params, data, check_deterministic=False)
+        order = canonical_order(H.backend)
+        eye = np.eye(H.shape[0], dtype=dtype)
+        results[key] = [
+            (H @ eye)[np.ix_(order, order)],
+            (G @ eye)[np.ix_(order, order)],
+            (J @ eye)[:, order],
+        ]
+        precisions.append(float64_precision(H.backend))
+    eps = np.finfo(dtype).eps if dtype == "float32" else max(precisions)
+    reference = results[installed[0]]
+    for key in installed[1:]:
+        for name, ours, theirs in zip("HGJ", results[key], reference):
+            assert_close(ours, theirs, rtol=100 * eps, name=f"{name}: {key} vs {installed[0]}")
+
+
+# --- registration ------------------------------------------------------------------------------
+requires_torch = pytest.mark.skipif(not HAS["torch"], reason="torch not installed")
+
+
+class Incomplete:
+    """A factory's result without most of the interface."""
+
+    def __init__(self, model_func: Any, params: Any) -> None:
+        self.name = "incomplete"
+
+
+@requires_torch
+def test_a_backend_registered_at_run_time_is_used_and_detected() -> None:
+    """A second name for PyTorch's backend, registered without editing the library."""
+    import torch
+
+    from curvlinops.backends._torch import TorchBackend
+
+    class Tagged(torch.Tensor):
+        """A tensor type only the new backend claims."""
+
+    class TaggedBackend(TorchBackend):
+        name = "tagged"
+
+    register(
+        "tagged", TaggedBackend, detect=lambda obj: isinstance(obj, Tagged), modules=("torch",)
+    )
+    try:
+        model, params, data = build_torch("float64")
+        loss = losses.CrossEntropyLoss()
+        H = HessianLinearOperator(model, loss, params, data, backend="tagged")
+        assert H.backend.name == "tagged" and "tagged" in registered()
+        reference = HessianLinearOperator(model, loss, params, data) @ np.eye(H.shape[0])
+        assert_close(H @ np.eye(H.shape[0]), reference, name="tagged vs torch")
+        # detection asks the registered backend: a Tagged leaf is claimed by two backends
+        tagged = [p.detach().as_subclass(Tagged) for p in params]
+        with pytest.raises(TypeError, match="expected objects of one framework, got both"):
+            detect_backend(lambda p, X: X, tagged)
+    finally:
+        unregister("tagged")
+    assert "tagged" not in registered()
+
+
+def test_registration_errors() -> None:
+    with pytest.raises(ValueError, match="name: expected a name not registered yet, got 'jax'"):
+        register("jax", "some.module:Backend")
+    with pytest.raises(ValueError, match="protocol: expected 1, the backend interface version"):
+        register("future", "some.module:Backend", protocol=2)
+    with pytest.raises(TypeError, match="factory: expected a callable"):
+        register("broken", 42)
+    with pytest.raises(TypeError, match="name: expected an identifier"):
+        register("not a name", "some.module:Backend")
+    with pytest.raises(ValueError, match="backend: expected 'torch', 'jax'.* or None, got 'nope'"):
+        make_backend(lambda p, X: X, [np.zeros(2)], "nope")
+    register("incomplete", Incomplete, modules=("numpy",))
+    try:
+        with pytest.raises(TypeError, match=r"backend 'incomplete'.*lacks the required xp, dtype"):
+            make_backend(lambda p, X: X, [np.zeros(2)], "incomplete")
+    finally:
+        unregister("incomplete")
+    register("missing", "no_such_framework.backend:Backend", modules=("no_such_framework",))
+    try:
+        with pytest.raises(ImportError, match="needs no_such_framework, which is not installed"):
+            make_backend(lambda p, X: X, [np.zeros(2)], "missing")
+    finally:
+        unregister("missing")
+
+
+def test_the_defaults_complete_a_backend() -> None:
+    """Every optional member has a fallback; the required ones are the protocol's."""
+    from curvlinops.backends import OPTIONAL, REQUIRED, Backend
+
+    assert all(hasattr(BackendDefaults, name) for name in OPTIONAL)
+    assert not set(OPTIONAL) & set(REQUIRED)
+    assert {name for name in REQUIRED if not name.startswith("_")} <= set(dir(Backend)) | set(
+        Backend.__annotations__
+    )
+
+
+def test_entry_points_register_installed_backends(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An entry point naming a BackendSpec is registered; a broken one warns and is skipped."""
+    from curvlinops.backends import _registry
+
+    class Entry:
+        def __init__(self, name: str, value: Any) -> None:
+            self.name, self.value, self._value = name, f"pkg:{name}", value
+
+        def load(self) -> Any:
+            if isinstance(self._value, Exception):
+                raise self._value
+            return self._value
+
+    spec = BackendSpec("viaentry", "pkg.module:Backend", modules=("pkg",))
+    entries = [Entry("viaentry", spec), Entry("broken", ImportError("no module named pkg"))]
+    monkeypatch.setattr(_registry.importlib.metadata, "entry_points", lambda group: entries)
+    monkeypatch.setattr(_registry, "_ENTRY_POINTS_READ", [])
+    monkeypatch.setattr(_registry, "_REGISTRY", dict(_registry._REGISTRY))
+    with pytest.warns(RuntimeWarning, match="the backend 'broken' declared by 'pkg:broken'"):
+        names = registered()
+    assert "viaentry" in names and "broken" not in names
+
+
+@pytest.mark.skipif(not HAS["mlx"], reason="mlx or curvlinops-mlx not installed")
+def test_mlx_comes_from_its_entry_point() -> None:
+    """The MLX backend lives outside curvlinops/ and is found through its installed entry point."""
+    import importlib.metadata
+
+    entries = importlib.metadata.entry_points(group="curvlinops.backends")
+    assert [e.value for e in entries if e.name == "mlx"] == ["curvlinops_mlx:BACKEND"]
+    factory = registered()["mlx"].factory
+    assert isinstance(factory, str) and not factory.startswith("curvlinops.")
+
+
+@pytest.mark.skipif(not HAS["mlx"], reason="mlx or curvlinops-mlx not installed")
+def test_run_conformance_reports_every_failure() -> None:
+    """run_conformance lists each failed check (here: float64 data against float32 references)."""
+
+    def wrong_build(dtype: str) -> tuple:
+        model_func, params, data = build_mlx(dtype)
+        return model_func, params, data[:1]  # one batch fewer than the references saw
+
+    problem = ConformanceProblem("mlx", build=wrong_build, loss_func=losses.CrossEntropyLoss())
+    problem._cache["references"] = conformance_problem("mlx")._cache.get("references") or (
+        _references_of("mlx")
+    )
+    with pytest.raises(AssertionError, match=r"backend 'mlx' failed 2 checks:\nggn: .*\nhessian: "):
+        run_conformance(problem, only=("ggn", "hessian", "registration"))
+
+
+def _references_of(key: str) -> Any:
+    from curvlinops.testing import _references
+
+    return _references(conformance_problem(key))
