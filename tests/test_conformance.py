@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from helpers import assert_close
 
-from curvlinops import GGNLinearOperator, HessianLinearOperator, JacobianLinearOperator, losses
+from curvlinops import GGNLinearOperator, HessianLinearOperator, losses
 from curvlinops.backends import (
     BackendDefaults,
     BackendSpec,
@@ -156,7 +156,10 @@ def canonical_order(backend: Any) -> np.ndarray:
 
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_same_numbers_everywhere(dtype: str) -> None:
-    """H, G and J of the same weights and data agree across the installed backends."""
+    """H and G of the same weights and data agree across the installed backends.
+
+    (Each backend's Jacobian is checked against central differences by the kit.)
+    """
     installed = [key for key in ("torch", "jax", "mlx") if HAS[key]]
     if len(installed) < 2:
         pytest.skip("needs two backends")
@@ -167,19 +170,14 @@ def test_same_numbers_everywhere(dtype: str) -> None:
         loss = losses.CrossEntropyLoss(reduction="sum")
         H = HessianLinearOperator(model_func, loss, params, data, check_deterministic=False)
         G = GGNLinearOperator(model_func, loss, params, data, check_deterministic=False)
-        J = JacobianLinearOperator(model_func, params, data, check_deterministic=False)
         order = canonical_order(H.backend)
         eye = np.eye(H.shape[0], dtype=dtype)
-        results[key] = [
-            (H @ eye)[np.ix_(order, order)],
-            (G @ eye)[np.ix_(order, order)],
-            (J @ eye)[:, order],
-        ]
+        results[key] = [(H @ eye)[np.ix_(order, order)], (G @ eye)[np.ix_(order, order)]]
         precisions.append(float64_precision(H.backend))
     eps = np.finfo(dtype).eps if dtype == "float32" else max(precisions)
     reference = results[installed[0]]
     for key in installed[1:]:
-        for name, ours, theirs in zip("HGJ", results[key], reference):
+        for name, ours, theirs in zip("HG", results[key], reference):
             assert_close(ours, theirs, rtol=100 * eps, name=f"{name}: {key} vs {installed[0]}")
 
 
@@ -298,11 +296,11 @@ def test_mlx_comes_from_its_entry_point() -> None:
 
 @pytest.mark.skipif(not HAS["mlx"], reason="mlx or curvlinops-mlx not installed")
 def test_run_conformance_reports_every_failure() -> None:
-    """run_conformance lists each failed check (here: float64 data against float32 references)."""
+    """run_conformance lists each failed check (here: one batch fewer than the references saw)."""
 
     def wrong_build(dtype: str) -> tuple:
         model_func, params, data = build_mlx(dtype)
-        return model_func, params, data[:1]  # one batch fewer than the references saw
+        return model_func, params, data[:1]
 
     problem = ConformanceProblem("mlx", build=wrong_build, loss_func=losses.CrossEntropyLoss())
     problem._cache["references"] = conformance_problem("mlx")._cache.get("references") or (
