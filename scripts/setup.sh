@@ -23,6 +23,11 @@ PIP=(.venv/bin/python -m pip install --quiet)
 # "data": scikit-learn for python -m curvlinops influence (its digits ship with it)
 "${PIP[@]}" "torch==2.13.0" -e ".[torch,jax,test,data,bench,downstream]"
 "${PIP[@]}" --no-deps "laplace-torch==0.3" "backpack-for-pytorch==1.7.1"
+# The MLX backend: its own package (plugins/curvlinops-mlx), found by curvlinops through its
+# entry point. Linux wheels of MLX need the "cpu" extra for a compute library.
+MLX="mlx[cpu]"
+if [ "$(uname -s)" = "Darwin" ]; then MLX="mlx"; fi
+"${PIP[@]}" "$MLX" -e plugins/curvlinops-mlx
 CFP=.venv/curvlinops-for-pytorch
 if [ ! -d "$CFP/curvlinops_for_pytorch-3.0.1.dist-info" ]; then
   "${PIP[@]}" --no-deps --upgrade --target "$CFP" "curvlinops-for-pytorch==3.0.1"
