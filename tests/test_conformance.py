@@ -314,3 +314,13 @@ def _references_of(key: str) -> Any:
     from curvlinops.testing import _references
 
     return _references(conformance_problem(key))
+
+
+@pytest.mark.skipif(not (HAS["mlx"] and HAS["torch"]), reason="needs mlx and torch")
+def test_a_loss_module_of_another_framework_is_refused() -> None:
+    """The default ``loss`` of BackendDefaults names the backend and the fix."""
+    import torch
+
+    model_func, params, data = build_mlx("float32")
+    with pytest.raises(TypeError, match=r"loss_func: expected a loss for mlx .*losses.MSELoss"):
+        HessianLinearOperator(model_func, torch.nn.MSELoss(), params, data)

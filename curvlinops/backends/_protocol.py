@@ -179,11 +179,24 @@ class BackendDefaults:
         """A loss descriptor (:mod:`curvlinops.losses`) for ``loss_func``.
 
         Fallback: the framework-free descriptors and callables with a
-        ``reduction`` attribute. Override to translate the framework's loss
-        modules (as PyTorch's ``torch.nn.MSELoss``).
+        ``reduction`` attribute; a loss module of another registered framework
+        raises. Override to translate the framework's loss modules (as
+        PyTorch's ``torch.nn.MSELoss``).
         """
         from curvlinops import losses
+        from curvlinops.backends._registry import registered
 
+        specs = registered()
+        own = specs[self.name].modules if self.name in specs else ()
+        foreign = {m for spec in specs.values() for m in spec.modules} - set(own)
+        if type(loss_func).__module__.split(".")[0] in foreign:
+            raise type_error(
+                "loss_func",
+                f"a loss for {self.name} (curvlinops.losses.* or a callable on its arrays)",
+                loss_func,
+                f"The parameters are {self.name} arrays; use curvlinops.losses."
+                f"{type(loss_func).__name__}(reduction=...) or a function of {self.name} arrays.",
+            )
         return losses.as_loss(loss_func)
 
     def batch_size(self, X: Any) -> int:

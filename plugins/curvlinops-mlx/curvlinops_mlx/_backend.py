@@ -21,7 +21,6 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from curvlinops import losses
 from curvlinops.backends import (
     BackendDefaults,
     host_view,
@@ -64,18 +63,7 @@ class MlxBackend(BackendDefaults):
         self._offsets = np.cumsum([int(np.prod(s, dtype=int)) for s in self.param_shapes])[:-1]
         self.model_fn = _functional_model(model_func)
 
-    # --- set-up -----------------------------------------------------------
-    def loss(self, loss_func: Any) -> Any:
-        if type(loss_func).__module__.split(".")[0] in ("torch", "flax", "optax"):
-            raise type_error(
-                "loss_func",
-                "a loss for MLX (curvlinops.losses.* or a callable on MLX arrays)",
-                loss_func,
-                "The parameters are MLX arrays; use curvlinops.losses."
-                f"{type(loss_func).__name__}(reduction=...) or a function of MLX arrays.",
-            )
-        return losses.as_loss(loss_func)
-
+    # --- set-up (loss: the default, curvlinops.losses and callables) ----
     def import_batch(self, batch: Any, index: int) -> Any:
         def convert(leaf: Any) -> Any:
             if not isinstance(leaf, mx.array):
