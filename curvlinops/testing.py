@@ -84,7 +84,7 @@ class _References:
         from curvlinops.backends import make_backend
 
         self.problem = problem
-        model_func, params, data = problem.build("float64")
+        model_func, _, params, data = _build(problem)
         self.args = (model_func, problem.loss_func, params, data)
         self.b = b = make_backend(model_func, params, problem.backend)
         self.loss = b.loss(problem.loss_func)
@@ -287,7 +287,15 @@ def _assert_close(actual: Any, expected: np.ndarray, tol: float, what: str) -> N
 
 
 def _build(problem: ConformanceProblem, dtype: str = "float64") -> tuple:
-    model_func, params, data = problem.build(dtype)
+    """The problem's arguments, built once per dtype.
+
+    Operators of one configuration then share their compiled products (the
+    model function is the same object).
+    """
+    key = ("build", dtype)
+    if key not in problem._cache:
+        problem._cache[key] = problem.build(dtype)
+    model_func, params, data = problem._cache[key]
     return model_func, problem.loss_func, params, data
 
 
