@@ -329,3 +329,30 @@ def test_a_loss_module_of_another_framework_is_refused() -> None:
     model_func, params, data = build_mlx("float32")
     with pytest.raises(TypeError, match=r"loss_func: expected a loss for mlx .*losses.MSELoss"):
         HessianLinearOperator(model_func, torch.nn.MSELoss(), params, data)
+
+
+@pytest.mark.parametrize("backend", [k for k in ("torch", "jax", "mlx") if HAS[k]])
+def test_one_parameter_array(backend: str) -> None:
+    """A single parameter array (one leaf): the least-squares Hessian ``(XᵀX / N) ⊗ I``."""
+    rng = np.random.default_rng(3)
+    W, X = rng.normal(size=(3, 2)), rng.normal(size=(5, 3))
+    if backend == "torch":
+        import torch
+
+        params, native = [torch.as_tensor(W)], torch.as_tensor
+    elif backend == "jax":
+        import jax.numpy as jnp
+
+        params, native = jnp.asarray(W), jnp.asarray
+    else:
+        import mlx.core as mx
+
+        params, native = mx.array(W, dtype=mx.float64), lambda a: mx.array(a, dtype=mx.float64)
+
+    def model(p: Any, X: Any) -> Any:
+        return X @ (p[0] if isinstance(p, (list, tuple)) else p)
+
+    data = [(native(X), native(np.zeros((5, 2))))]
+    H = HessianLinearOperator(model, losses.MSELoss(), params, data, columns_per_pass=4)
+    expected = np.kron(X.T @ X / 5, np.eye(2))
+    assert_close(H @ np.eye(6), expected, rtol=1e-5, name=f"{backend}: one parameter array")

@@ -14,7 +14,7 @@ MLX arrays for MLX callers and numpy arrays for scipy (``to_numpy``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import mlx.core as mx
@@ -130,9 +130,6 @@ class MlxBackend(BackendDefaults):
     def eye(self, n: int) -> mx.array:
         return mx.eye(n, dtype=self.mx_dtype)
 
-    def concat(self, arrays: Sequence[mx.array], axis: int = 0) -> mx.array:
-        return mx.concatenate(list(arrays), axis=axis)
-
     def block_until_ready(self, y: Any) -> Any:
         mx.eval(y)  # MLX is lazy: compute now
         return y
@@ -186,8 +183,12 @@ class MlxBackend(BackendDefaults):
         leaves, rebuild = self.tree_flatten(primal)
         gradient = mx.grad(lambda *p: f(rebuild(list(p))), argnums=list(range(len(leaves))))
 
+        def gradient_leaves(*p: mx.array) -> list[mx.array]:
+            g = gradient(*p)  # one array (not a tuple) for one leaf
+            return list(g) if isinstance(g, (tuple, list)) else [g]
+
         def product(v: Any) -> Any:
-            _, pushed = mx.jvp(lambda *p: list(gradient(*p)), leaves, self.tree_flatten(v)[0])
+            _, pushed = mx.jvp(gradient_leaves, leaves, self.tree_flatten(v)[0])
             return rebuild(pushed)
 
         return product
