@@ -76,11 +76,14 @@ def _is_jax(obj: Any) -> bool:
     return isinstance(obj, sys.modules["jax"].Array)
 
 
+# replace=True: this module may run twice in a process (pytest's importlib import mode
+# collecting its doctests), the registry once.
 register(
     "torch",
     "curvlinops.backends._torch:TorchBackend",
     detect=_is_torch,
     install="pip install 'curvlinops[torch]'",
+    replace=True,
 )
 register(
     "jax",
@@ -88,6 +91,7 @@ register(
     detect=_is_jax,
     numpy_params=True,  # jax.numpy takes numpy leaves as parameters; PyTorch needs tensors
     install="pip install 'curvlinops[jax]'",
+    replace=True,
 )
 
 
