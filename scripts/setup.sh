@@ -28,6 +28,11 @@ PIP=(.venv/bin/python -m pip install --quiet)
 # kronfluence 1.0.1, the contender of the influence tests and benchmark: --no-deps, as it
 # declares torchvision; what it imports is in the "bench" extra.
 "${PIP[@]}" --no-deps "kronfluence==1.0.1"
+# The MLX backend: its own package (plugins/curvlinops-mlx), found by curvlinops through its
+# entry point. Linux wheels of MLX need the "cpu" extra for a compute library.
+MLX="mlx[cpu]"
+if [ "$(uname -s)" = "Darwin" ]; then MLX="mlx"; fi
+"${PIP[@]}" "$MLX" -e plugins/curvlinops-mlx
 CFP=.venv/curvlinops-for-pytorch
 if [ ! -d "$CFP/curvlinops_for_pytorch-3.0.1.dist-info" ]; then
   "${PIP[@]}" --no-deps --upgrade --target "$CFP" "curvlinops-for-pytorch==3.0.1"

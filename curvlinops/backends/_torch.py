@@ -41,12 +41,12 @@ from curvlinops.backends._linearize_torch import (
     parameters_token,
     pull_back,
 )
-from curvlinops.backends._protocol import single_cotangent
+from curvlinops.backends._protocol import BackendDefaults, single_cotangent
 
 __all__ = ["TorchBackend"]
 
 
-class TorchBackend:
+class TorchBackend(BackendDefaults):
     """Backend for PyTorch models, parameters and arrays."""
 
     name = "torch"
