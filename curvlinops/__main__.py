@@ -146,11 +146,11 @@ def _check_sklearn() -> None:
         )
 
 
-def _backends(choice: str) -> list[str]:
+def _backends(choice: str, command: str) -> list[str]:
     if choice not in BACKEND_CHOICES:
         raise UsageError(
             f"--backend: expected 'torch', 'jax' or 'all', got {choice!r}. Run "
-            "'curvlinops demo --backend all' to use every installed backend."
+            f"'curvlinops {command} --backend all' to use every installed backend."
         )
     wanted = list(FRAMEWORKS) if choice == "all" else [choice]
     installed = [name for name in wanted if is_installed(name)]
@@ -199,10 +199,12 @@ def _writable_dir(path: Path, option: str) -> Path:
     return path
 
 
-def _writable_file(text: str) -> Path:
+def _writable_file(text: str, command: str) -> Path:
     path = Path(text)
     if path.is_dir():
-        raise UsageError(f"--json {path}: is a directory. Pass a file name, e.g. {path}/demo.json.")
+        raise UsageError(
+            f"--json {path}: is a directory. Pass a file name, e.g. {path}/{command}.json."
+        )
     _writable_dir(path.parent, "--json: the directory")
     if path.exists() and not os.access(path, os.W_OK):
         raise UsageError(f"--json {path}: the file is not writable. Pass another file name.")
@@ -224,9 +226,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             raise UsageError("choose a command: 'demo' or 'influence' (see curvlinops --help).")
         options = {
-            "backends": _backends(args.backend),
+            "backends": _backends(args.backend, args.command),
             "seed": _seed(args.seed),
-            "json_path": None if args.json is None else _writable_file(args.json),
+            "json_path": None if args.json is None else _writable_file(args.json, args.command),
         }
         if args.command == "influence":
             options["methods"] = _methods(args.method)

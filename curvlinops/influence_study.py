@@ -97,6 +97,10 @@ JSON report (``--json FILE``), schema ``"curvlinops-influence/1"``::
           "max_retrain_gradient_norm", "seconds": float, "cg_converged": bool}}},
       "plots": {"recall", "test_influence", "loo": str or null},
       "timings": {"wall_s", "cpu_user_s", "cpu_system_s": float},
+      "threads": {"mode": "side by side" or "one after another", "cores": int,
+                  "threads_per_backend": int, "environment": {str: str},
+                  "observed": {"<backend>": {"pid": int, "intra_op_threads": int or null,
+                                             "blas": {str: int}, "xla_flags": str or null}}},
       "load": {"cpu_count": int, "loadavg_1min_start", "loadavg_1min_end": float or null}
     }
 
@@ -108,13 +112,11 @@ from __future__ import annotations
 
 import json
 import math
-import multiprocessing
 import os
 import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TextIO
@@ -124,13 +126,13 @@ import scipy.optimize
 import scipy.stats
 
 from curvlinops.backends import Backend, make_backend
-from curvlinops.backends._namespaces import cpu_threads
 from curvlinops.backends._study_models import tanh_classifier
 from curvlinops.demo import versions
 from curvlinops.ggn import GGNLinearOperator
 from curvlinops.hessian import HessianLinearOperator
 from curvlinops.influence import _PerExampleGradients, influence_on_test_loss
 from curvlinops.inverse import CGInverseLinearOperator
+from curvlinops.jobs._parallel import plan_threads, run_backends
 from curvlinops.kfac import EKFACLinearOperator, KFACInverseLinearOperator, KFACLinearOperator
 from curvlinops.losses import CrossEntropyLoss
 
@@ -157,8 +159,6 @@ DEFAULT_PLAN = {"logreg": METHODS, "mlp": tuple(m for m in METHODS if m != "exac
 ``--method exact`` runs it."""
 NUM_CLASSES, NUM_PIXELS = 10, 64
 LOSS = CrossEntropyLoss(reduction="mean")
-TORCH_THREADS = 1
-"""PyTorch threads: on a shared machine, spinning intra-op threads cost more than they gain."""
 EXAMPLES_PER_PASS = 128
 LBFGS_TOL = 1e-4
 """Gradient norm at which training hands over from L-BFGS to Newton."""
@@ -183,10 +183,11 @@ class StudyConfig:
         loo_points_mlp: The same for the MLP, whose retraining costs far more.
         grid_test_images: Test images in the test-influence grid.
         grid_neighbours: Helpful and harmful training images shown for each.
-        processes: Run the backends side by side, each in a process of its own,
-            where there are several and the machine has a core for each (PyTorch
-            runs on one thread, and most of the job is small operations that one
-            core serves best); their lines are printed when each finishes.
+        processes: Run the backends side by side, each in a process of its own
+            with its share of the cores' threads, where there are several and the
+            machine has a core for each (:mod:`curvlinops.jobs._parallel`); their
+            lines are printed when each finishes. Otherwise one after the other,
+            each with all the cores.
     """
 
     n_train: int | None = None
@@ -689,57 +690,22 @@ def run_backend(
     """Everything on one backend; returns its report sections and the scores per method."""
     sections: dict[str, Any] = {"models": {}, "methods": {}, "loo": {}}
     scores: dict[str, np.ndarray] = {}
-    with cpu_threads(framework, TORCH_THREADS):
-        for name in MODELS:
-            model = train_model(name, framework, problem, config)
-            sections["models"][name] = {
-                "num_params": int(model.trained.w.size),
-                "training": training_report(model, problem, config),
-            }
-            say(_training_line(framework, name, sections["models"][name]))
-            for method in plan[name]:
-                report, scores[f"{name}_{method}"] = method_report(model, method, problem, config)
-                sections["methods"][f"{name}_{method}"] = report
-                say(_method_line(framework, report))
-            sections["loo"][name] = loo_report(model, problem, config)
-            say(_loo_line(framework, name, sections["loo"][name]))
-            if name == "logreg":
-                sections["test_influence"] = grid_report(model, problem, config)
+    for name in MODELS:
+        model = train_model(name, framework, problem, config)
+        sections["models"][name] = {
+            "num_params": int(model.trained.w.size),
+            "training": training_report(model, problem, config),
+        }
+        say(_training_line(framework, name, sections["models"][name]))
+        for method in plan[name]:
+            report, scores[f"{name}_{method}"] = method_report(model, method, problem, config)
+            sections["methods"][f"{name}_{method}"] = report
+            say(_method_line(framework, report))
+        sections["loo"][name] = loo_report(model, problem, config)
+        say(_loo_line(framework, name, sections["loo"][name]))
+        if name == "logreg":
+            sections["test_influence"] = grid_report(model, problem, config)
     return sections, scores
-
-
-def run_backends(
-    names: Sequence[str],
-    problem: DigitsProblem,
-    config: StudyConfig,
-    plan: dict[str, Sequence[str]],
-    say: Callable[[str], None],
-) -> tuple[dict, dict]:
-    """:func:`run_backend` for each backend: side by side in processes, or one after another."""
-    if not (config.processes and len(names) > 1 and (os.cpu_count() or 1) >= len(names)):
-        results = {name: run_backend(name, problem, config, plan, say) for name in names}
-    else:
-        # "spawn": a fork would copy a parent's framework thread pools in an unknown state
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(len(names), mp_context=context) as pool:
-            futures = {
-                name: pool.submit(_run_backend_collecting_lines, name, problem, config, plan)
-                for name in names
-            }
-            results = {}
-            for name, future in futures.items():
-                lines, results[name] = future.result()
-                for line in lines:
-                    say(line)
-    return {name: r[0] for name, r in results.items()}, {name: r[1] for name, r in results.items()}
-
-
-def _run_backend_collecting_lines(
-    framework: str, problem: DigitsProblem, config: StudyConfig, plan: dict[str, Sequence[str]]
-) -> tuple[list[str], tuple[dict, dict[str, np.ndarray]]]:
-    """:func:`run_backend` in a worker process; its progress lines are returned, not printed."""
-    lines: list[str] = []
-    return lines, run_backend(framework, problem, config, plan, lines.append)
 
 
 # --- the whole run -------------------------------------------------------------------------------
@@ -782,7 +748,11 @@ def run_influence_study(
         config = replace(config, block_size=len(problem.y_train))
     say = (lambda text: None) if quiet else (lambda text: print(text, file=stream, flush=True))
     say(_describe(problem, config, names))
-    results, scores = run_backends(names, problem, config, plan, say)
+    threads = plan_threads(names, processes=config.processes)
+    say(threads.describe())
+    outcome, observed = run_backends(names, threads, run_backend, (problem, config, plan), say)
+    results = {name: r[0] for name, r in outcome.items()}
+    scores = {name: r[1] for name, r in outcome.items()}
     report = _assemble(problem, config, names, results, scores, command)
     print(format_table(report, names), file=stream)
     report["plots"] = _plots(report, problem, config, names, out_dir, stream)
@@ -795,6 +765,7 @@ def run_influence_study(
             after.system - usage.system + after.children_system - usage.children_system
         ),
     }
+    report["threads"] = {**threads.as_dict(), "observed": observed}
     report["load"] = {
         "cpu_count": os.cpu_count(),
         "loadavg_1min_start": load_start,
