@@ -1,4 +1,4 @@
-"""Command line: ``python -m curvlinops demo|influence`` (also the console script ``curvlinops``).
+"""Command line: ``python -m curvlinops demo|influence|spectrum`` (also the console script).
 
 Usage::
 
@@ -6,6 +6,8 @@ Usage::
                     [--out DIR] [--json FILE] [--seed N] [--quiet]
     curvlinops influence [--backend torch|jax|all] [--method M[,M...]]
                          [--out DIR] [--json FILE] [--seed N] [--quiet]
+    curvlinops spectrum [--backend torch|jax|all] [--steps 0,50,100,200,400]
+                        [--out DIR] [--json FILE] [--seed N] [--quiet]
 
 A bad option (an unknown backend, a backend that is not installed, an output
 directory or JSON file that cannot be written) ends the program with exit
@@ -81,6 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--quiet", action="store_true", help="no progress bars; print the table")
     _add_influence_parser(commands)
+    _add_spectrum_parser(commands)
     return parser
 
 
@@ -123,6 +126,57 @@ def _add_influence_parser(commands: Any) -> None:
     influence.add_argument("--quiet", action="store_true", help="print only the final table")
 
 
+def _add_spectrum_parser(commands: Any) -> None:
+    spectrum = commands.add_parser(
+        "spectrum",
+        help="the lecture's Figure 2: a ResNet's Hessian spectrum during momentum training",
+        description=(
+            "Train a small ResNet with batch normalisation on scikit-learn's digits by SGD "
+            "with momentum; at each checkpoint measure the Hessian's spectral density (SLQ, "
+            "full training set), its extreme eigenvalues (eigsh), the negative mass, and the "
+            "GGN's density; validated against a dense Hessian on a reduced network (PNGs)."
+        ),
+    )
+    spectrum.add_argument(
+        "--backend", default="all", metavar="{torch,jax,all}", help="default: all installed"
+    )
+    spectrum.add_argument(
+        "--steps",
+        default="0,50,100,200,400",
+        metavar="N[,N...]",
+        help="SGD steps at which to measure (default: 0,50,100,200,400)",
+    )
+    spectrum.add_argument(
+        "--out",
+        default="curvlinops-spectrum",
+        metavar="DIR",
+        help="directory for the PNGs (default: ./curvlinops-spectrum)",
+    )
+    spectrum.add_argument(
+        "--json", default=None, metavar="FILE", help="write every reported number to FILE"
+    )
+    spectrum.add_argument(
+        "--seed", default="0", metavar="N", help="seed of split, weights and batches (default 0)"
+    )
+    spectrum.add_argument("--quiet", action="store_true", help="print only the final table")
+
+
+MAX_STEPS = 100_000
+
+
+def _steps(text: str) -> list[int]:
+    try:
+        steps = [int(part) for part in text.split(",")]
+    except ValueError:
+        steps = []
+    if not steps or any(not 0 <= step <= MAX_STEPS for step in steps):
+        raise UsageError(
+            f"--steps: expected a comma-separated list of SGD steps between 0 and {MAX_STEPS}, "
+            f"got {text!r}. For example: --steps 0,50,100,200,400."
+        )
+    return sorted(set(steps))
+
+
 def _methods(text: str | None) -> list[str] | None:
     if text is None:
         return None
@@ -138,10 +192,10 @@ def _methods(text: str | None) -> list[str] | None:
     return list(dict.fromkeys(names))
 
 
-def _check_sklearn() -> None:
+def _check_sklearn(command: str) -> None:
     if not is_installed("sklearn"):
         raise UsageError(
-            "influence: scikit-learn is not installed (its digits are the data). Install it "
+            f"{command}: scikit-learn is not installed (its digits are the data). Install it "
             "with pip install 'curvlinops[data]'."
         )
 
@@ -224,7 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
         if args.command is None:
-            raise UsageError("choose a command: 'demo' or 'influence' (see curvlinops --help).")
+            raise UsageError(
+                "choose a command: 'demo', 'influence' or 'spectrum' (see curvlinops --help)."
+            )
         options = {
             "backends": _backends(args.backend, args.command),
             "seed": _seed(args.seed),
@@ -232,7 +288,10 @@ def main(argv: list[str] | None = None) -> int:
         }
         if args.command == "influence":
             options["methods"] = _methods(args.method)
-            _check_sklearn()
+            _check_sklearn(args.command)
+        elif args.command == "spectrum":
+            options["steps"] = _steps(args.steps)
+            _check_sklearn(args.command)
         else:
             options["dtype"] = _dtype(args.dtype)
         options["out_dir"] = _writable_dir(Path(args.out), "--out")
@@ -248,7 +307,9 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
     if args.command == "influence":
-        from curvlinops.influence_study import run_influence_study as run
+        from curvlinops.jobs.influence import run_influence_study as run
+    elif args.command == "spectrum":
+        from curvlinops.jobs.spectrum import run_spectrum as run
     else:
         from curvlinops.demo import run_demo as run
 

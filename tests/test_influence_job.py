@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from helpers import assert_one_line_error, run_main
 
-from curvlinops import influence_study as study
+from curvlinops.jobs import influence as study
 from curvlinops.backends._namespaces import cpu_threads
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
