@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "spectrum":
         from curvlinops.jobs.spectrum import run_spectrum as run
     else:
-        from curvlinops.demo import run_demo as run
+        from curvlinops.jobs.demo import run_demo as run
 
     try:
         run(quiet=args.quiet, command=[PROG, *argv], **options)

@@ -66,3 +66,25 @@ def test_observed_threads_in_this_process():
         seen = _parallel.observed_threads("torch")
     assert seen["intra_op_threads"] == 1 and seen["pid"] == os.getpid()
     assert seen["xla_flags"] is None
+
+
+def test_importing_the_jobs_loads_no_framework():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, curvlinops.jobs.demo, curvlinops.jobs.influence, curvlinops.jobs.spectrum, "
+        "curvlinops.demo, curvlinops.influence_study; "
+        "print(sorted(m for m in ('torch', 'jax', 'cupy') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_old_import_paths_are_the_jobs_modules():
+    import curvlinops.demo
+    import curvlinops.influence_study
+    from curvlinops.jobs import demo, influence
+
+    assert curvlinops.demo is demo and curvlinops.influence_study is influence
+    assert callable(demo.run_demo) and callable(influence.run_influence_study)

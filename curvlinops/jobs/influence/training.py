@@ -13,7 +13,7 @@ import scipy.optimize
 import scipy.stats
 
 from curvlinops.backends import Backend, make_backend
-from curvlinops.backends._study_models import tanh_classifier
+from curvlinops.backends._jobs_classifiers import tanh_classifier
 from curvlinops.influence import _PerExampleGradients
 from curvlinops.jobs.influence.problem import (
     EXAMPLES_PER_PASS,
