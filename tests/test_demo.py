@@ -505,7 +505,7 @@ def test_all_runs_what_is_installed(monkeypatch):
     from curvlinops import __main__ as cli
 
     monkeypatch.setattr(cli, "is_installed", lambda name: name == "torch")
-    assert cli._backends("all") == ["torch"]
+    assert cli._backends("all", "demo") == ["torch"]
     monkeypatch.setattr(cli, "is_installed", lambda name: True)
-    assert cli._backends("all") == ["torch", "jax"]
-    assert cli._backends("jax") == ["jax"]
+    assert cli._backends("all", "demo") == ["torch", "jax"]
+    assert cli._backends("jax", "demo") == ["jax"]
