@@ -61,27 +61,15 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     demo.add_argument(
-        "--backend",
-        default="all",
-        metavar="{torch,jax,all}",
-        help="one backend, or all installed ones (default: all)",
-    )
-    demo.add_argument(
         "--dtype", default="float64", metavar="{float32,float64}", help="default: float64"
     )
-    demo.add_argument(
-        "--out",
-        default="curvlinops-demo",
-        metavar="DIR",
-        help="directory for the spectral-density PNGs (default: ./curvlinops-demo)",
+    _add_common_options(
+        demo,
+        "demo",
+        out_help="directory for the spectral-density PNGs",
+        seed_help="seed of data and initialisation",
+        quiet_help="no progress bars; print the table",
     )
-    demo.add_argument(
-        "--json", default=None, metavar="FILE", help="write every reported number to FILE"
-    )
-    demo.add_argument(
-        "--seed", default="0", metavar="N", help="seed of data and initialisation (default 0)"
-    )
-    demo.add_argument("--quiet", action="store_true", help="no progress bars; print the table")
     _add_influence_parser(commands)
     _add_spectrum_parser(commands)
     return parser
@@ -102,28 +90,13 @@ def _add_influence_parser(commands: Any) -> None:
         ),
     )
     influence.add_argument(
-        "--backend", default="all", metavar="{torch,jax,all}", help="default: all installed"
-    )
-    influence.add_argument(
         "--method",
         default=None,
         metavar="M[,M...]",
         help=f"any of {', '.join(INFLUENCE_METHODS)}, or all (default: all but the MLP's "
         "exact Hessian, which takes minutes)",
     )
-    influence.add_argument(
-        "--out",
-        default="curvlinops-influence",
-        metavar="DIR",
-        help="directory for the PNGs (default: ./curvlinops-influence)",
-    )
-    influence.add_argument(
-        "--json", default=None, metavar="FILE", help="write every reported number to FILE"
-    )
-    influence.add_argument(
-        "--seed", default="0", metavar="N", help="seed of split, flips and weights (default 0)"
-    )
-    influence.add_argument("--quiet", action="store_true", help="print only the final table")
+    _add_common_options(influence, "influence", seed_help="seed of split, flips and weights")
 
 
 def _add_spectrum_parser(commands: Any) -> None:
@@ -138,27 +111,40 @@ def _add_spectrum_parser(commands: Any) -> None:
         ),
     )
     spectrum.add_argument(
-        "--backend", default="all", metavar="{torch,jax,all}", help="default: all installed"
-    )
-    spectrum.add_argument(
         "--steps",
         default="0,50,100,200,400",
         metavar="N[,N...]",
         help="SGD steps at which to measure (default: 0,50,100,200,400)",
     )
-    spectrum.add_argument(
-        "--out",
-        default="curvlinops-spectrum",
-        metavar="DIR",
-        help="directory for the PNGs (default: ./curvlinops-spectrum)",
+    _add_common_options(spectrum, "spectrum", seed_help="seed of split, weights and batches")
+
+
+def _add_common_options(
+    parser: Any,
+    command: str,
+    *,
+    out_help: str = "directory for the PNGs",
+    seed_help: str,
+    quiet_help: str = "print only the final table",
+) -> None:
+    """The options every job has: --backend, --out, --json, --seed, --quiet."""
+    parser.add_argument(
+        "--backend",
+        default="all",
+        metavar="{torch,jax,all}",
+        help="one backend, or all installed ones (default: all)",
     )
-    spectrum.add_argument(
+    parser.add_argument(
+        "--out",
+        default=f"curvlinops-{command}",
+        metavar="DIR",
+        help=f"{out_help} (default: ./curvlinops-{command})",
+    )
+    parser.add_argument(
         "--json", default=None, metavar="FILE", help="write every reported number to FILE"
     )
-    spectrum.add_argument(
-        "--seed", default="0", metavar="N", help="seed of split, weights and batches (default 0)"
-    )
-    spectrum.add_argument("--quiet", action="store_true", help="print only the final table")
+    parser.add_argument("--seed", default="0", metavar="N", help=f"{seed_help} (default 0)")
+    parser.add_argument("--quiet", action="store_true", help=quiet_help)
 
 
 MAX_STEPS = 100_000

@@ -88,3 +88,15 @@ def test_old_import_paths_are_the_jobs_modules():
 
     assert curvlinops.demo is demo and curvlinops.influence_study is influence
     assert callable(demo.run_demo) and callable(influence.run_influence_study)
+
+
+def test_format_rows_aligns_columns():
+    from curvlinops.jobs._report import format_rows
+
+    text = format_rows(["name", "value"], [["a", "1.5"], ["bbb", "10.25"]], left=1)
+    assert text.split("\n") == [
+        "name  value",
+        "----  -----",
+        "a       1.5",
+        "bbb   10.25",
+    ]

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 if INSTALLED and HAS_SKLEARN:
-    from curvlinops.jobs import spectrum
+    from curvlinops.jobs import _parallel, spectrum
     from curvlinops.jobs.spectrum import problem, study
 
     SMALL = spectrum.SpectrumConfig(
@@ -49,16 +49,18 @@ FLOAT32_EPS = float(np.finfo(np.float32).eps)
 def run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("spectrum")
     stream = io.StringIO()
-    report = spectrum.run_spectrum(
-        INSTALLED,
-        out_dir=folder / "plots",
-        json_path=folder / "report.json",
-        seed=1,
-        quiet=True,
-        stream=stream,
-        config=SMALL,
-        processes=False,  # two spawned interpreters cost more than this small run
-    )
+    with pytest.MonkeyPatch.context() as patch:  # one thread: the tests share the machine
+        patch.setattr(_parallel, "available_cores", lambda: 1)
+        report = spectrum.run_spectrum(
+            INSTALLED,
+            out_dir=folder / "plots",
+            json_path=folder / "report.json",
+            seed=1,
+            quiet=True,
+            stream=stream,
+            config=SMALL,
+            processes=False,  # two spawned interpreters cost more than this small run
+        )
     return report, json.loads((folder / "report.json").read_text()), stream.getvalue()
 
 
@@ -131,14 +133,13 @@ def test_networks_agree_across_frameworks():
     stats_jax = nets.population_stats("jax", weights, stats, digits.X_train)
     for a, b in zip(stats, stats_jax):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
-    torch_model, torch_params = nets.resnet("torch", weights, stats)
-    jax_model, jax_params = nets.resnet("jax", weights, stats)
+    torch_net, jax_net = nets.resnet("torch", weights, stats), nets.resnet("jax", weights, stats)
     import torch
 
-    logits_torch = torch_model(torch.from_numpy(X)).detach().numpy()
-    logits_jax = np.asarray(jax_model(jax_params, X))
+    logits_torch = torch_net.model_func(torch.from_numpy(X)).detach().numpy()
+    logits_jax = np.asarray(jax_net.model_func(jax_net.params, jax_net.inputs(X)))
     np.testing.assert_allclose(logits_torch, logits_jax, rtol=1e-4, atol=1e-5)
-    assert sum(p.numel() for p in torch_params) == problem.num_params(3, 1)
+    assert sum(p.numel() for p in torch_net.params) == problem.num_params(3, 1)
     # a few SGD steps with BN in training mode: the same weights and running statistics
     batches = problem.minibatches(2, len(digits.y_train), 16, 3)
     options = {"lr": 0.05, "momentum": 0.9}

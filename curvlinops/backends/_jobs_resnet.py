@@ -24,44 +24,84 @@ state is data, as in Flax and Equinox, which are not needed for a dozen arrays).
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from curvlinops._checks import value_error
 
-__all__ = ["BN_EPS", "BN_MOMENTUM", "population_stats", "resnet", "train_resnet"]
+__all__ = [
+    "BN_EPS",
+    "BN_MOMENTUM",
+    "Network",
+    "jax_eval_forward",
+    "population_stats",
+    "resnet",
+    "train_resnet",
+]
 
 BN_MOMENTUM, BN_EPS = 0.1, 1e-5
 
 
-def resnet(
-    framework: str, weights: Sequence[np.ndarray], stats: Sequence[np.ndarray]
-) -> tuple[Any, list[Any]]:
-    """The network in evaluation mode (BN by running statistics) and its parameters.
+@dataclass(frozen=True)
+class Network:
+    """The network in evaluation mode, ready for the operators.
+
+    Attributes:
+        model_func: A ``torch.nn.Module`` (BN statistics in its buffers), or the
+            JAX function :func:`jax_eval_forward`, the same object for every
+            checkpoint so that its compiled products are reused.
+        params: The parameters (a list, in PyTorch's order).
+        inputs: Turns images ``(N, 1, H, W)`` into the model's input (JAX: a dict
+            with the BN statistics, which are data, not parameters).
+        batch_size_fn: The operators' ``batch_size_fn`` for those inputs (or ``None``).
+    """
+
+    model_func: Any
+    params: list[Any]
+    inputs: Callable[[np.ndarray], Any]
+    batch_size_fn: Callable[[Any], int] | None
+
+
+def resnet(framework: str, weights: Sequence[np.ndarray], stats: Sequence[np.ndarray]) -> Network:
+    """The network in evaluation mode (BN by the statistics ``stats``) and its parameters.
 
     Args:
         framework: ``"torch"`` or ``"jax"``.
-        weights: Parameters in PyTorch's order (see :func:`curvlinops.jobs.spectrum.problem`):
-            stem conv, BN scale, BN shift; per block two (conv, BN scale, BN shift);
-            dense weight ``(classes, c)`` and bias.
-        stats: Running mean and variance of each BN, in the same order.
+        weights: Parameters in PyTorch's order (see
+            :func:`curvlinops.jobs.spectrum.problem.initial_state`): stem conv, BN
+            scale, BN shift; per block two (conv, BN scale, BN shift); dense weight
+            ``(classes, c)`` and bias.
+        stats: Mean and variance of each BN, in the same order.
 
     Returns:
-        ``(model_func, params)`` for the operators, in the weights' dtype.
+        The :class:`Network`, in the weights' dtype.
     """
     if framework == "torch":
         module = _torch_module(weights, stats)
         module.eval()
-        return module, list(module.parameters())
+        return Network(module, list(module.parameters()), lambda X: X, None)
     if framework == "jax":
         jnp = importlib.import_module("jax.numpy")
         frozen = [jnp.asarray(s) for s in stats]
-        return (lambda params, X: _jax_forward(params, frozen, X, False)[0]), [
-            jnp.asarray(w) for w in weights
-        ]
+        return Network(
+            jax_eval_forward,
+            [jnp.asarray(w) for w in weights],
+            lambda X: {"images": X, "stats": frozen},
+            _images_count,
+        )
     raise value_error("framework", "'torch' or 'jax'", repr(framework))
+
+
+def jax_eval_forward(params: Sequence[Any], inputs: dict[str, Any]) -> Any:
+    """Logits of the JAX network in evaluation mode; ``inputs``: images and BN statistics."""
+    return _jax_forward(params, inputs["stats"], inputs["images"], False)[0]
+
+
+def _images_count(inputs: dict[str, Any]) -> int:
+    return int(inputs["images"].shape[0])
 
 
 def train_resnet(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from curvlinops.jobs._report import format_rows
 from curvlinops.jobs.demo.problem import N_TEST, TOP_K, D, K, N, Problem
 
 
@@ -114,7 +115,7 @@ def format_table(table: dict, names: Sequence[str]) -> str:
     """The comparison as aligned text: a column per backend and the largest difference."""
     formats = {row.label: row.fmt for row in _rows()}
     header = ["quantity", *names] + (["max |diff|"] if len(names) > 1 else [])
-    lines = [header]
+    lines = []
     for row in table["rows"]:
         fmt = formats[row["quantity"]]
         cells = [row["quantity"]] + [format(row["values"][n], fmt) for n in names]
@@ -122,16 +123,7 @@ def format_table(table: dict, names: Sequence[str]) -> str:
             diff = row["max_abs_difference"]
             cells.append("-" if diff is None else format(diff, "d" if fmt == "d" else ".1e"))
         lines.append(cells)
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    text = []
-    for j, cells in enumerate(lines):
-        text.append(
-            "  ".join(
-                c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
-            )
-        )
-        if j == 0:
-            text.append("  ".join("-" * w for w in widths))
+    text = [format_rows(header, lines, left=1)]
     worst = table["largest_relative_difference"]
     if worst["quantity"] is not None:
         text.append(

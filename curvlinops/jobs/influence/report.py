@@ -10,7 +10,7 @@ import numpy as np
 import scipy.optimize
 import scipy.stats
 
-from curvlinops.jobs._report import versions
+from curvlinops.jobs._report import format_rows, versions
 from curvlinops.jobs.influence.problem import (
     CURVE_POINTS,
     MODELS,
@@ -90,7 +90,7 @@ def format_table(report: dict, names: Sequence[str]) -> str:
         header += [f"recall@10% {name}", f"s {name}"]
     if len(names) > 1:
         header.append("Spearman")
-    lines = [header]
+    lines = []
     for key, per_backend in report["methods"].items():
         first = per_backend[names[0]]
         cells = [first["model"], first["method"]]
@@ -101,16 +101,7 @@ def format_table(report: dict, names: Sequence[str]) -> str:
             match = report["agreement"].get(key)
             cells.append("-" if match is None else f"{match['spearman']:.6f}")
         lines.append(cells)
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    text = []
-    for j, cells in enumerate(lines):
-        text.append(
-            "  ".join(
-                c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
-            )
-        )
-        if j == 0:
-            text.append("  ".join("-" * w for w in widths))
+    text = [format_rows(header, lines, left=2)]
     text.append(f"random order: recall@10% = {report['random_recall_at_10pct']:.3f} expected")
     for model, per_backend in report["loo"].items():
         rs = ", ".join(f"{n} r = {per_backend[n]['pearson_r']:.4f}" for n in names)

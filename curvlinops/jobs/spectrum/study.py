@@ -72,12 +72,27 @@ def run_backend(
 
 
 def _operators(framework: str, weights: Any, stats: Any, X: np.ndarray, y: np.ndarray) -> Any:
-    model_func, params = resnet(framework, weights, stats)
-    b = make_backend(model_func, params, framework)
-    data = [(b.import_batch(X, 0), b.import_batch(y, 0))]
-    args = (model_func, LOSS, params, data)
-    hessian = HessianLinearOperator(*args, backend=framework)
-    return b, hessian, GGNLinearOperator(*args, backend=framework)
+    net = resnet(framework, weights, stats)
+    b = make_backend(net.model_func, net.params, framework)
+    data = [(b.import_batch(net.inputs(X), 0), b.import_batch(y, 0))]
+    args = (net.model_func, LOSS, net.params, data)
+    options = {"backend": framework, "batch_size_fn": net.batch_size_fn}
+    hessian = HessianLinearOperator(*args, **options)
+    return _Evaluator(b, net), hessian, GGNLinearOperator(*args, **options)
+
+
+class _Evaluator:
+    """The backend and the network: logits of numpy images."""
+
+    def __init__(self, b: Any, net: Any) -> None:
+        self.b, self.net = b, net
+
+    def logits(self, X: np.ndarray) -> np.ndarray:
+        b = self.b
+        return np.asarray(b.to_numpy(b.model_fn(b.primals, b.import_batch(self.net.inputs(X), 0))))
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        return np.asarray(self.b.to_numpy(x))
 
 
 def measure(
@@ -138,7 +153,7 @@ def _eigsh(operator: Any, k: int, which: str, config: SpectrumConfig) -> tuple[n
 
 
 def _loss_accuracy(b: Any, X: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    logits = np.asarray(b.to_numpy(b.model_fn(b.primals, b.import_batch(X, 0))), np.float64)
+    logits = b.logits(X).astype(np.float64)
     top = logits.max(axis=1, keepdims=True)
     log_p = logits - top - np.log(np.exp(logits - top).sum(axis=1, keepdims=True))
     loss = float(-np.mean(log_p[np.arange(len(y)), y]))
