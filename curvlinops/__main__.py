@@ -299,6 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from curvlinops.jobs.demo import run_demo as run
 
+    from curvlinops.jobs._parallel import keep_freed_memory
+
+    keep_freed_memory()  # this process is the job: reuse freed memory (no page-fault storm)
     try:
         run(quiet=args.quiet, command=[PROG, *argv], **options)
     except KeyboardInterrupt:

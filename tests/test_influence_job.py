@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from helpers import assert_one_line_error, run_main
 
-from curvlinops.jobs import influence as study
 from curvlinops.backends._namespaces import cpu_threads
+from curvlinops.jobs import influence as study
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 HAS_JAX = importlib.util.find_spec("jax") is not None
@@ -167,6 +167,7 @@ def test_thread_plan_is_what_the_processes_ran_with(report):
         if threads["mode"] == "side by side":
             # the BLAS pools read their size from the environment set for the process
             assert all(n == threads["threads_per_backend"] for n in seen["blas"].values()), seen
+            assert seen["malloc"]["MALLOC_MMAP_MAX_"] is not None
     pids = {seen["pid"] for seen in threads["observed"].values()}
     assert len(pids) == (len(INSTALLED) if threads["mode"] == "side by side" else 1)
 

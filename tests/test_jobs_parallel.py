@@ -37,6 +37,14 @@ def test_side_by_side_shares_the_cores(monkeypatch, cores, threads):
     assert f"{threads} thread(s) each" in plan.describe()
 
 
+def test_side_by_side_processes_keep_freed_memory(monkeypatch):
+    monkeypatch.setattr(_parallel, "available_cores", lambda: 2)
+    monkeypatch.delenv("MALLOC_MMAP_MAX_", raising=False)
+    monkeypatch.setenv("MALLOC_TOP_PAD_", "4096")  # the user's setting wins
+    environment = _parallel.plan_threads(["torch", "jax"]).environment
+    assert environment["MALLOC_MMAP_MAX_"] == "0" and "MALLOC_TOP_PAD_" not in environment
+
+
 def test_user_xla_flags_are_kept(monkeypatch):
     monkeypatch.setattr(_parallel, "available_cores", lambda: 2)
     monkeypatch.setenv("XLA_FLAGS", "--xla_backend_optimization_level=0")

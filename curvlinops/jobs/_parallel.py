@@ -21,10 +21,32 @@ from typing import Any
 
 from curvlinops.backends._namespaces import cpu_threads, intra_op_threads, xla_knows
 
-__all__ = ["BLAS_VARIABLES", "ThreadPlan", "available_cores", "plan_threads", "run_backends"]
+__all__ = [
+    "BLAS_VARIABLES",
+    "KEEP_FREED_MEMORY",
+    "ThreadPlan",
+    "available_cores",
+    "keep_freed_memory",
+    "plan_threads",
+    "run_backends",
+]
 
 BLAS_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 """Environment variables the BLAS and OpenMP runtimes read when they load."""
+KEEP_FREED_MEMORY = {
+    "MALLOC_MMAP_MAX_": "0",
+    "MALLOC_TRIM_THRESHOLD_": str(16 << 30),
+    "MALLOC_TOP_PAD_": str(256 << 20),
+}
+"""glibc's malloc keeps freed memory for the next allocation instead of giving it back.
+
+By default every allocation above 32 MB (and smaller ones, as the dynamic threshold
+moves) is a fresh ``mmap``: each product's temporaries are new zeroed pages, one page
+fault per 4 KB. In the influence job that was 33 million faults and a system CPU time
+of 28 % of the user time; with these settings (read by glibc when a process starts)
+a PyTorch GGN product with 1,297 columns took 0.74 s less system and 1.8 times less
+CPU time in all, and page faults fell ninefold. Other C libraries ignore them."""
+_MALLOPT = {"MALLOC_MMAP_MAX_": -4, "MALLOC_TRIM_THRESHOLD_": -1, "MALLOC_TOP_PAD_": -2}
 SINGLE_THREAD_XLA = "--xla_cpu_multi_thread_eigen=false"
 """XLA's CPU dots and convolutions on the calling thread only (XLA has no thread-count flag)."""
 
@@ -93,11 +115,34 @@ def plan_threads(names: Sequence[str], *, processes: bool = True) -> ThreadPlan:
         return ThreadPlan(False, cores, cores)
     threads = cores // len(names)
     environment = {name: str(threads) for name in BLAS_VARIABLES}
+    environment.update({k: v for k, v in KEEP_FREED_MEMORY.items() if k not in os.environ})
     flags = os.environ.get("XLA_FLAGS", "")
     if threads == 1 and "xla_cpu_multi_thread_eigen" not in flags:
         if xla_knows(SINGLE_THREAD_XLA[2:].split("=")[0]):
             environment["XLA_FLAGS"] = f"{flags} {SINGLE_THREAD_XLA}".strip()
     return ThreadPlan(True, cores, threads, environment)
+
+
+def keep_freed_memory() -> bool:
+    """Apply :data:`KEEP_FREED_MEMORY` to this running process (glibc's ``mallopt``).
+
+    For a process that is the job (the command line); returns whether it applied.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):  # not glibc
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    done = True
+    for variable, option in _MALLOPT.items():
+        value = int(os.environ.get(variable, KEEP_FREED_MEMORY[variable]))
+        done &= bool(mallopt(option, min(value, 2**31 - 1)))
+    return done
 
 
 @contextlib.contextmanager
@@ -183,4 +228,5 @@ def observed_threads(name: str) -> dict[str, Any]:
         "intra_op_threads": intra_op_threads(name),
         "blas": blas,
         "xla_flags": os.environ.get("XLA_FLAGS", "") if name == "jax" else None,
+        "malloc": {variable: os.environ.get(variable) for variable in KEEP_FREED_MEMORY},
     }
