@@ -141,7 +141,9 @@ def plot_densities(Figure: Any, report: dict, name: str, path: Path) -> Path:
         ax.set_xlim(grid[0], grid[-1])
         ax.set_ylim(DENSITY_FLOOR, None)
         ax.set_title(
-            f"step {entry['step']}: negative mass {entry['negative_mass']:.3f}", fontsize=9
+            f"step {entry['step']}: {entry['negative_mass_clear']:.3f} of the mass "
+            f"< -1e-3 lambda_max, lambda_min/lambda_max {entry['ratio_smallest_to_largest']:.3f}",
+            fontsize=8,
         )
         ax.set_xlabel("eigenvalue")
         if index == 0:
