@@ -1,4 +1,4 @@
-"""Command line: ``python -m curvlinops demo|influence`` (also the console script ``curvlinops``).
+"""Command line: ``python -m curvlinops demo|influence|spectrum`` (also the console script).
 
 Usage::
 
@@ -6,6 +6,8 @@ Usage::
                     [--out DIR] [--json FILE] [--seed N] [--quiet]
     curvlinops influence [--backend torch|jax|all] [--method M[,M...]]
                          [--out DIR] [--json FILE] [--seed N] [--quiet]
+    curvlinops spectrum [--backend torch|jax|all] [--steps 0,50,100,200,400]
+                        [--out DIR] [--json FILE] [--seed N] [--quiet]
 
 A bad option (an unknown backend, a backend that is not installed, an output
 directory or JSON file that cannot be written) ends the program with exit
@@ -59,28 +61,17 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     demo.add_argument(
-        "--backend",
-        default="all",
-        metavar="{torch,jax,all}",
-        help="one backend, or all installed ones (default: all)",
-    )
-    demo.add_argument(
         "--dtype", default="float64", metavar="{float32,float64}", help="default: float64"
     )
-    demo.add_argument(
-        "--out",
-        default="curvlinops-demo",
-        metavar="DIR",
-        help="directory for the spectral-density PNGs (default: ./curvlinops-demo)",
+    _add_common_options(
+        demo,
+        "demo",
+        out_help="directory for the spectral-density PNGs",
+        seed_help="seed of data and initialisation",
+        quiet_help="no progress bars; print the table",
     )
-    demo.add_argument(
-        "--json", default=None, metavar="FILE", help="write every reported number to FILE"
-    )
-    demo.add_argument(
-        "--seed", default="0", metavar="N", help="seed of data and initialisation (default 0)"
-    )
-    demo.add_argument("--quiet", action="store_true", help="no progress bars; print the table")
     _add_influence_parser(commands)
+    _add_spectrum_parser(commands)
     return parser
 
 
@@ -99,28 +90,77 @@ def _add_influence_parser(commands: Any) -> None:
         ),
     )
     influence.add_argument(
-        "--backend", default="all", metavar="{torch,jax,all}", help="default: all installed"
-    )
-    influence.add_argument(
         "--method",
         default=None,
         metavar="M[,M...]",
         help=f"any of {', '.join(INFLUENCE_METHODS)}, or all (default: all but the MLP's "
         "exact Hessian, which takes minutes)",
     )
-    influence.add_argument(
-        "--out",
-        default="curvlinops-influence",
-        metavar="DIR",
-        help="directory for the PNGs (default: ./curvlinops-influence)",
+    _add_common_options(influence, "influence", seed_help="seed of split, flips and weights")
+
+
+def _add_spectrum_parser(commands: Any) -> None:
+    spectrum = commands.add_parser(
+        "spectrum",
+        help="the lecture's Figure 2: a ResNet's Hessian spectrum during momentum training",
+        description=(
+            "Train a small ResNet with batch normalisation on scikit-learn's digits by SGD "
+            "with momentum; at each checkpoint measure the Hessian's spectral density (SLQ, "
+            "full training set), its extreme eigenvalues (eigsh), the negative mass, and the "
+            "GGN's density; validated against a dense Hessian on a reduced network (PNGs)."
+        ),
     )
-    influence.add_argument(
+    spectrum.add_argument(
+        "--steps",
+        default="0,50,100,200,400",
+        metavar="N[,N...]",
+        help="SGD steps at which to measure (default: 0,50,100,200,400)",
+    )
+    _add_common_options(spectrum, "spectrum", seed_help="seed of split, weights and batches")
+
+
+def _add_common_options(
+    parser: Any,
+    command: str,
+    *,
+    out_help: str = "directory for the PNGs",
+    seed_help: str,
+    quiet_help: str = "print only the final table",
+) -> None:
+    """The options every job has: --backend, --out, --json, --seed, --quiet."""
+    parser.add_argument(
+        "--backend",
+        default="all",
+        metavar="{torch,jax,all}",
+        help="one backend, or all installed ones (default: all)",
+    )
+    parser.add_argument(
+        "--out",
+        default=f"curvlinops-{command}",
+        metavar="DIR",
+        help=f"{out_help} (default: ./curvlinops-{command})",
+    )
+    parser.add_argument(
         "--json", default=None, metavar="FILE", help="write every reported number to FILE"
     )
-    influence.add_argument(
-        "--seed", default="0", metavar="N", help="seed of split, flips and weights (default 0)"
-    )
-    influence.add_argument("--quiet", action="store_true", help="print only the final table")
+    parser.add_argument("--seed", default="0", metavar="N", help=f"{seed_help} (default 0)")
+    parser.add_argument("--quiet", action="store_true", help=quiet_help)
+
+
+MAX_STEPS = 100_000
+
+
+def _steps(text: str) -> list[int]:
+    try:
+        steps = [int(part) for part in text.split(",")]
+    except ValueError:
+        steps = []
+    if not steps or any(not 0 <= step <= MAX_STEPS for step in steps):
+        raise UsageError(
+            f"--steps: expected a comma-separated list of SGD steps between 0 and {MAX_STEPS}, "
+            f"got {text!r}. For example: --steps 0,50,100,200,400."
+        )
+    return sorted(set(steps))
 
 
 def _methods(text: str | None) -> list[str] | None:
@@ -138,19 +178,19 @@ def _methods(text: str | None) -> list[str] | None:
     return list(dict.fromkeys(names))
 
 
-def _check_sklearn() -> None:
+def _check_sklearn(command: str) -> None:
     if not is_installed("sklearn"):
         raise UsageError(
-            "influence: scikit-learn is not installed (its digits are the data). Install it "
+            f"{command}: scikit-learn is not installed (its digits are the data). Install it "
             "with pip install 'curvlinops[data]'."
         )
 
 
-def _backends(choice: str) -> list[str]:
+def _backends(choice: str, command: str) -> list[str]:
     if choice not in BACKEND_CHOICES:
         raise UsageError(
             f"--backend: expected 'torch', 'jax' or 'all', got {choice!r}. Run "
-            "'curvlinops demo --backend all' to use every installed backend."
+            f"'curvlinops {command} --backend all' to use every installed backend."
         )
     wanted = list(FRAMEWORKS) if choice == "all" else [choice]
     installed = [name for name in wanted if is_installed(name)]
@@ -199,10 +239,12 @@ def _writable_dir(path: Path, option: str) -> Path:
     return path
 
 
-def _writable_file(text: str) -> Path:
+def _writable_file(text: str, command: str) -> Path:
     path = Path(text)
     if path.is_dir():
-        raise UsageError(f"--json {path}: is a directory. Pass a file name, e.g. {path}/demo.json.")
+        raise UsageError(
+            f"--json {path}: is a directory. Pass a file name, e.g. {path}/{command}.json."
+        )
     _writable_dir(path.parent, "--json: the directory")
     if path.exists() and not os.access(path, os.W_OK):
         raise UsageError(f"--json {path}: the file is not writable. Pass another file name.")
@@ -222,15 +264,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
         if args.command is None:
-            raise UsageError("choose a command: 'demo' or 'influence' (see curvlinops --help).")
+            raise UsageError(
+                "choose a command: 'demo', 'influence' or 'spectrum' (see curvlinops --help)."
+            )
         options = {
-            "backends": _backends(args.backend),
+            "backends": _backends(args.backend, args.command),
             "seed": _seed(args.seed),
-            "json_path": None if args.json is None else _writable_file(args.json),
+            "json_path": None if args.json is None else _writable_file(args.json, args.command),
         }
         if args.command == "influence":
             options["methods"] = _methods(args.method)
-            _check_sklearn()
+            _check_sklearn(args.command)
+        elif args.command == "spectrum":
+            options["steps"] = _steps(args.steps)
+            _check_sklearn(args.command)
         else:
             options["dtype"] = _dtype(args.dtype)
         options["out_dir"] = _writable_dir(Path(args.out), "--out")
@@ -246,10 +293,15 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
     if args.command == "influence":
-        from curvlinops.influence_study import run_influence_study as run
+        from curvlinops.jobs.influence import run_influence_study as run
+    elif args.command == "spectrum":
+        from curvlinops.jobs.spectrum import run_spectrum as run
     else:
-        from curvlinops.demo import run_demo as run
+        from curvlinops.jobs.demo import run_demo as run
 
+    from curvlinops.jobs._parallel import keep_freed_memory
+
+    keep_freed_memory()  # this process is the job: reuse freed memory (no page-fault storm)
     try:
         run(quiet=args.quiet, command=[PROG, *argv], **options)
     except KeyboardInterrupt:

@@ -24,7 +24,8 @@ import numpy as np
 import pytest
 from helpers import assert_one_line_error, run_main
 
-from curvlinops import demo
+from curvlinops.jobs import demo
+from curvlinops.jobs.demo import report as demo_report
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 HAS_JAX = importlib.util.find_spec("jax") is not None
@@ -294,7 +295,7 @@ def test_backends_agree(report):
     iteration counts, which rounding may shift, within a few percent.
     """
     rows = {row["quantity"]: row for row in report["comparison"]["rows"]}
-    curvature = {row.label for row in demo._rows() if row.curvature}
+    curvature = {row.label for row in demo_report._rows() if row.curvature}
     assert len(curvature) >= 15 and curvature <= set(rows)
     sections = [report["backends"][name] for name in INSTALLED]
     eps = np.finfo(np.float64).eps
@@ -504,7 +505,7 @@ def test_all_runs_what_is_installed(monkeypatch):
     from curvlinops import __main__ as cli
 
     monkeypatch.setattr(cli, "is_installed", lambda name: name == "torch")
-    assert cli._backends("all") == ["torch"]
+    assert cli._backends("all", "demo") == ["torch"]
     monkeypatch.setattr(cli, "is_installed", lambda name: True)
-    assert cli._backends("all") == ["torch", "jax"]
-    assert cli._backends("jax") == ["jax"]
+    assert cli._backends("all", "demo") == ["torch", "jax"]
+    assert cli._backends("jax", "demo") == ["jax"]

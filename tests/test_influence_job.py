@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from helpers import assert_one_line_error, run_main
 
-from curvlinops import influence_study as study
 from curvlinops.backends._namespaces import cpu_threads
+from curvlinops.jobs import influence as study
 
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 HAS_JAX = importlib.util.find_spec("jax") is not None
@@ -117,7 +117,7 @@ def _dense_self_influence(w, widths, problem, method):
 @pytest.mark.parametrize("backend", INSTALLED)
 @pytest.mark.parametrize("model", study.MODELS)
 def test_self_influence_matches_dense_reference(problem, backend, model):
-    with cpu_threads(backend, study.TORCH_THREADS):  # as the job runs
+    with cpu_threads(backend, 1):  # as the job runs side by side on two cores
         trained = study.train_model(model, backend, problem, SMALL)
         results = [study.method_report(trained, method, problem, SMALL) for method in CG_METHODS]
     assert trained.trained.converged, trained.trained.gradient_norm
@@ -156,6 +156,20 @@ def test_report_schema(report):
     assert "mlp_exact" not in report["methods"]  # not in the default plan
     assert set(report["plots"]) == {"recall", "test_influence", "loo"}
     assert report["timings"]["wall_s"] > 0
+
+
+def test_thread_plan_is_what_the_processes_ran_with(report):
+    threads = report["threads"]
+    assert set(threads["observed"]) == set(INSTALLED)
+    for backend, seen in threads["observed"].items():
+        if backend == "torch":
+            assert seen["intra_op_threads"] == threads["threads_per_backend"]
+        if threads["mode"] == "side by side":
+            # the BLAS pools read their size from the environment set for the process
+            assert all(n == threads["threads_per_backend"] for n in seen["blas"].values()), seen
+            assert seen["malloc"]["MALLOC_MMAP_MAX_"] is not None
+    pids = {seen["pid"] for seen in threads["observed"].values()}
+    assert len(pids) == (len(INSTALLED) if threads["mode"] == "side by side" else 1)
 
 
 def test_recall_is_that_of_the_reported_ranking(report, problem):
@@ -219,8 +233,14 @@ def test_bad_options_exit_2_with_one_line(tmp_path):
         r"--method: expected a comma-separated list of exact, ggn, .*got 'exact,hessian'\. "
         r"For example",
     )
+    # each job's messages name that job
     assert_one_line_error(
-        run_main("influence", "--backend", "numpy", *out), r"--backend: expected 'torch', 'jax'"
+        run_main("influence", "--backend", "numpy", *out),
+        r"--backend: expected 'torch', 'jax'.*'curvlinops influence --backend all'",
+    )
+    assert_one_line_error(
+        run_main("influence", "--json", str(tmp_path), *out),
+        rf"--json {tmp_path}: is a directory.*{tmp_path}/influence\.json",
     )
     assert_one_line_error(run_main("influence", "--seed", "-3", *out), r"--seed: expected")
     assert_one_line_error(run_main("influence", "--dtype", "float32"), r"unrecognized arguments")

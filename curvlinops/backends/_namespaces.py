@@ -22,6 +22,7 @@ __all__ = [
     "cpu_threads",
     "framework_namespace",
     "framework_version",
+    "intra_op_threads",
     "is_installed",
     "xla_knows",
 ]
@@ -120,6 +121,13 @@ def cpu_threads(name: str, threads: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def intra_op_threads(name: str) -> int | None:
+    """PyTorch's intra-op threads (``None`` for JAX, whose Eigen pool has no count to read)."""
+    if name != "torch":
+        return None
+    return int(importlib.import_module("torch").get_num_threads())
 
 
 def xla_knows(flag: str) -> bool:
