@@ -83,6 +83,11 @@ class CurvatureOperator(LinearOperator):
         if check_deterministic:
             self._check_deterministic()
 
+    @property
+    def _N_data(self) -> int:
+        """curvlinops-for-pytorch 3.0.1's name of :attr:`num_data`."""
+        return self.num_data
+
     # --- what subclasses write ----------------------------------------------
     _vector_products = False
     """Whether the per-batch products also take a ``(P,)`` vector (``map_columns`` does)."""
@@ -427,6 +432,7 @@ class CurvatureOperator(LinearOperator):
     def _survey_data(self) -> tuple[list[int], list[int]]:
         """Batch sizes and model output sizes, from one pass over the data that checks it."""
         batch_sizes, output_sizes = [], []
+        self._batch_output_shapes: list[tuple[int, ...]] = []
         b = self.backend
         for index, X, y, n in self._batches("curvlinops: reading data"):
             batch_sizes.append(n)
@@ -435,6 +441,7 @@ class CurvatureOperator(LinearOperator):
             outputs = b.model_fn(b.primals, X)
             if not self._needs_loss:
                 output_sizes.append(int(np.prod(outputs.shape, dtype=int)))
+                self._batch_output_shapes.append(tuple(outputs.shape))
             if n:
                 self._check_batch(index, X, y, outputs)
         if not batch_sizes and self._comm.world_size == 1:

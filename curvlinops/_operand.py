@@ -217,6 +217,9 @@ def as_operand(A: Any, argument: str = "A", *, square: bool = True) -> Operand:
 
 def _from_our_operator(A: LinearOperator) -> Operand:
     b = A.backend
+    own = getattr(A, "_library_operand", None)
+    if b is None and own is not None:  # a matrix of a library (curvlinops.examples)
+        return own
     if b is None:
         # framework-free: products on numpy arrays
         return Operand(

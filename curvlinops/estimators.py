@@ -27,6 +27,7 @@ a PyTorch and a JAX operand differ.
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -70,7 +71,7 @@ def hutchinson_trace(
     num_matvecs: int,
     *,
     distribution: str = "rademacher",
-    seed: int = 0,
+    seed: int | None = None,
     block_size: int | None = None,
     return_stderr: bool = False,
 ) -> Any:
@@ -88,7 +89,10 @@ def hutchinson_trace(
         A: A square operator (this library's, scipy's), sparse or dense matrix.
         num_matvecs: Number of probes (= products with ``A``).
         distribution: ``"rademacher"`` or ``"normal"``.
-        seed: Non-negative int that fixes the probes.
+        seed: Non-negative int that fixes the probes. ``None`` (default): fresh
+            probes, from a seed drawn from the global generator of ``A``'s library
+            (PyTorch's for PyTorch operands, numpy's otherwise), as in
+            curvlinops-for-pytorch: ``torch.manual_seed`` makes them repeatable.
         block_size: Probes per ``matmat`` call (bounds memory). Default:
             :data:`DEFAULT_BLOCK_SIZE`, fewer when that many would take more than
             a quarter of the available memory (see the module docs).
@@ -119,7 +123,7 @@ def hutchpp_trace(
     num_matvecs: int,
     *,
     distribution: str = "rademacher",
-    seed: int = 0,
+    seed: int | None = None,
     block_size: int | None = None,
     return_stderr: bool = False,
 ) -> Any:
@@ -179,7 +183,7 @@ def xtrace(
     num_matvecs: int,
     *,
     distribution: str = "rademacher",
-    seed: int = 0,
+    seed: int | None = None,
     block_size: int | None = None,
     return_stderr: bool = False,
 ) -> Any:
@@ -249,7 +253,7 @@ def hutchinson_diagonal(
     num_matvecs: int,
     *,
     distribution: str = "rademacher",
-    seed: int = 0,
+    seed: int | None = None,
     block_size: int | None = None,
     return_stderr: bool = False,
 ) -> Any:
@@ -293,7 +297,7 @@ def xdiag(
     num_matvecs: int,
     *,
     distribution: str = "rademacher",
-    seed: int = 0,
+    seed: int | None = None,
     block_size: int | None = None,
     return_stderr: bool = False,
     symmetric: bool | None = None,
@@ -363,7 +367,7 @@ def hutchinson_squared_frobenius(
     num_matvecs: int,
     *,
     distribution: str = "rademacher",
-    seed: int = 0,
+    seed: int | None = None,
     block_size: int | None = None,
     return_stderr: bool = False,
 ) -> Any:
@@ -439,7 +443,7 @@ class _Operand:
         is the same whatever the block size.
         """
         distribution = _check_distribution(distribution)
-        seed = _check_seed(seed)
+        seed = self._resolved_seed(seed)
         width = self.chunk_columns()
         first, last = start // width, (stop - 1) // width
         chunks = []
@@ -449,6 +453,14 @@ class _Operand:
         drawn = chunks[0] if len(chunks) == 1 else self.xp.concat(chunks, axis=1)
         offset = first * width
         return drawn[:, start - offset : stop - offset]
+
+    def _resolved_seed(self, seed: int | None) -> int:
+        """``seed``, or for ``None`` one fresh seed for this call (its probes' every block)."""
+        if seed is not None:
+            return _check_seed(seed)
+        if getattr(self, "_fresh_seed", None) is None:
+            self._fresh_seed = _fresh_seed(self.operand.library)
+        return self._fresh_seed
 
     def chunk_columns(self) -> int:
         """Columns drawn together: :data:`_CHUNK`, fewer for long vectors.
@@ -595,6 +607,14 @@ def _check_distribution(distribution: Any) -> str:
     if distribution not in DISTRIBUTIONS:
         raise value_error("distribution", f"one of {DISTRIBUTIONS}", repr(distribution))
     return distribution
+
+
+def _fresh_seed(library: str) -> int:
+    """A seed from the global generator of ``library`` (PyTorch's, else numpy's)."""
+    torch = sys.modules.get("torch") if library == "torch" else None
+    if torch is not None:
+        return int(torch.randint(0, 2**31 - 1, ()).item())
+    return int(np.random.randint(0, 2**31 - 1))
 
 
 def _check_seed(seed: Any) -> int:
