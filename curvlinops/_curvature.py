@@ -312,7 +312,9 @@ class CurvatureOperator(LinearOperator):
             return
         product = self._compiled_rmatmat if adjoint else self._compiled_matmat
         primals = self.backend.primals
-        for index, X, y, n in self._batches(f"{type(self).__name__} product"):
+        # the bar reads like curvlinops-for-pytorch 3.0.1's, one "_matmat" per product
+        label = f"{type(self).__name__}._matmat (on {self.backend.device})"
+        for index, X, y, n in self._batches(label):
             if n == 0:  # an empty batch adds nothing (and its mean loss is NaN)
                 continue
             extras = self._batch_extras(index, X, n)

@@ -5,10 +5,9 @@
 use, so that importing it imports no framework.
 """
 
-from __future__ import annotations
+from typing import TYPE_CHECKING
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from curvlinops._lazy import lazy_attributes
 
 if TYPE_CHECKING:  # the names, for type checkers (loaded on first use)
     from curvlinops.backends._torch_compat import (  # noqa: F401
@@ -16,11 +15,6 @@ if TYPE_CHECKING:  # the names, for type checkers (loaded on first use)
         PyTorchLinearOperator,
     )
 
-
 __all__ = ["CurvatureLinearOperator", "PyTorchLinearOperator"]
 
-
-def __getattr__(name: str) -> Any:
-    if name in __all__:
-        return getattr(importlib.import_module("curvlinops.backends._torch_compat"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, __all__, "curvlinops.backends._torch_compat")

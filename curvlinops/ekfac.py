@@ -7,7 +7,7 @@ and ``compute_eigenvalue_correction_linear_weight_sharing`` (PyTorch, from
 
 from typing import TYPE_CHECKING
 
-from curvlinops._cfp_signatures import lazy_attributes
+from curvlinops._lazy import lazy_attributes
 from curvlinops.kfac import EKFACLinearOperator, FisherType, KFACType
 
 if TYPE_CHECKING:  # the names, for type checkers (loaded on first use)

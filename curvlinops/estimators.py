@@ -69,8 +69,8 @@ _CHUNK_ENTRIES = 1 << 22
 def hutchinson_trace(
     A: Any,
     num_matvecs: int,
-    *,
     distribution: str = "rademacher",
+    *,
     seed: int | None = None,
     block_size: int | None = None,
     return_stderr: bool = False,
@@ -121,8 +121,8 @@ def hutchinson_trace(
 def hutchpp_trace(
     A: Any,
     num_matvecs: int,
-    *,
     distribution: str = "rademacher",
+    *,
     seed: int | None = None,
     block_size: int | None = None,
     return_stderr: bool = False,
@@ -181,8 +181,8 @@ def hutchpp_trace(
 def xtrace(
     A: Any,
     num_matvecs: int,
-    *,
     distribution: str = "rademacher",
+    *,
     seed: int | None = None,
     block_size: int | None = None,
     return_stderr: bool = False,
@@ -251,8 +251,8 @@ def xtrace(
 def hutchinson_diagonal(
     A: Any,
     num_matvecs: int,
-    *,
     distribution: str = "rademacher",
+    *,
     seed: int | None = None,
     block_size: int | None = None,
     return_stderr: bool = False,
@@ -295,8 +295,8 @@ def hutchinson_diagonal(
 def xdiag(
     A: Any,
     num_matvecs: int,
-    *,
     distribution: str = "rademacher",
+    *,
     seed: int | None = None,
     block_size: int | None = None,
     return_stderr: bool = False,
@@ -365,8 +365,8 @@ def xdiag(
 def hutchinson_squared_frobenius(
     A: Any,
     num_matvecs: int,
-    *,
     distribution: str = "rademacher",
+    *,
     seed: int | None = None,
     block_size: int | None = None,
     return_stderr: bool = False,

@@ -312,7 +312,7 @@ class _BatchedCG:
         self.X, self.R = xp.zeros_like(B), B
         self.P = self._precondition(self.R)
         self.rz = xp.sum(self.R * self.P, axis=0)
-        done = self.rhs_norms <= self.thresholds
+        done = self.residuals <= self.thresholds
         self._retire(done, np.zeros(K, dtype=bool), np.zeros(K, dtype=bool))
 
     def _precondition(self, R: Any) -> Any:
@@ -905,3 +905,12 @@ def _one_of(ours: Any, our_name: str, theirs: Any, their_name: str) -> Any:
             f"Pass only {our_name}.",
         )
     return theirs if ours is None else ours
+
+
+def __getattr__(name: str) -> Any:
+    # curvlinops-for-pytorch 3.0.1's path of the KFAC inverse (it lives in curvlinops.kfac)
+    if name == "KFACInverseLinearOperator":
+        from curvlinops.kfac import KFACInverseLinearOperator
+
+        return KFACInverseLinearOperator
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,7 +9,7 @@ imports no framework.
 
 from typing import TYPE_CHECKING
 
-from curvlinops._cfp_signatures import lazy_attributes
+from curvlinops._lazy import lazy_attributes
 
 if TYPE_CHECKING:  # the names, for type checkers (loaded on first use)
     from curvlinops.backends._cfp_torch import (  # noqa: F401

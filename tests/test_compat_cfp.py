@@ -10,7 +10,9 @@ in a subprocess with its folder first on ``sys.path`` (see ``REFERENCE_SCRIPT``)
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import json
 import os
 import subprocess
 import sys
@@ -164,9 +166,52 @@ out["functorch loss"] = value.detach().numpy()
 A, c = V[:, :2], torch.tensor([0.5, 2.0])
 out["tensor op"] = (TensorLinearOperator(W[:5, :]) @ V[:3, :]).numpy()
 out["outer op"] = (OuterProductLinearOperator(c, A) @ V).numpy()
+import importlib, inspect, json
+signatures = {{}}
+for module, names in {module_paths}.items():
+    for name in names:
+        parameters = inspect.signature(getattr(importlib.import_module(module), name)).parameters
+        signatures[f"{{module}}.{{name}}"] = [
+            [p.name, p.default is inspect.Parameter.empty] for p in parameters.values()
+        ]
+out["signatures"] = np.array(json.dumps(signatures))
 np.savez(sys.argv[1], **out)
 """
 )
+
+# 3.0.1's module paths and the names its code imports from them (functions and classes)
+MODULE_PATHS = {
+    "curvlinops.ekfac": [
+        "EKFACLinearOperator",
+        "compute_eigenvalue_correction_linear_weight_sharing",
+    ],
+    "curvlinops.sampling": ["random_vector", "rademacher", "normal"],
+    "curvlinops.utils": [
+        "split_list",
+        "allclose_report",
+        "assert_is_square",
+        "assert_matvecs_subseed_dim",
+        "assert_divisible_by",
+    ],
+    "curvlinops.experimental.activation_hessian": [
+        "ActivationHessianLinearOperator",
+        "store_activation",
+    ],
+    "curvlinops.gradient_moments": ["EFLinearOperator"],
+    "curvlinops.kfac_utils": [
+        "loss_hessian_matrix_sqrt",
+        "extract_patches",
+        "extract_averaged_patches",
+    ],
+    "curvlinops.trace.hutchinson": ["hutchinson_trace"],
+    "curvlinops.trace.meyer2020hutch": ["hutchpp_trace"],
+    "curvlinops.trace.epperly2024xtrace": ["xtrace"],
+    "curvlinops.diagonal.hutchinson": ["hutchinson_diag"],
+    "curvlinops.diagonal.epperly2024xtrace": ["xdiag"],
+    "curvlinops.norm.hutchinson": ["hutchinson_squared_fro"],
+    "curvlinops._torch_base": ["PyTorchLinearOperator", "CurvatureLinearOperator"],
+    "curvlinops.inverse": ["KFACInverseLinearOperator", "CGInverseLinearOperator"],
+}
 
 
 def _reference_path() -> Path:
@@ -182,7 +227,11 @@ def theirs(tmp_path_factory):
         pytest.skip(f"curvlinops-for-pytorch 3.0.1 is not installed in {reference}")
     folder = tmp_path_factory.mktemp("cfp")
     script, output = folder / "reference.py", folder / "theirs.npz"
-    script.write_text(REFERENCE_SCRIPT.format(damping=DAMPING, blocks=BLOCKS, tight=TIGHT))
+    script.write_text(
+        REFERENCE_SCRIPT.format(
+            damping=DAMPING, blocks=BLOCKS, tight=TIGHT, module_paths=repr(MODULE_PATHS)
+        )
+    )
     path = os.pathsep.join([str(reference), os.environ.get("PYTHONPATH", "")])
     process = subprocess.run(
         [sys.executable, str(script), str(output)],
@@ -211,6 +260,25 @@ def test_every_public_name_of_3_0_1_is_here(theirs):
     from curvlinops.papyan2020traces import spectrum
 
     assert spectrum.lanczos_approximate_spectrum is lanczos_approximate_spectrum
+
+
+def test_every_module_path_of_3_0_1_has_its_names_and_signatures(theirs):
+    """Each name imports from 3.0.1's module path; its arguments, in order, are accepted.
+
+    Ours may take more (keyword) options; a class whose ``__init__`` takes ``**options``
+    accepts 3.0.1's keywords through them.
+    """
+    theirs_signatures = json.loads(str(theirs["signatures"]))
+    for module, names in MODULE_PATHS.items():
+        for name in names:
+            ours = inspect.signature(getattr(importlib.import_module(module), name)).parameters
+            required = [n for n, no_default in theirs_signatures[f"{module}.{name}"] if no_default]
+            optional = [
+                n for n, no_default in theirs_signatures[f"{module}.{name}"] if not no_default
+            ]
+            assert list(ours)[: len(required)] == required, (module, name)
+            takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in ours.values())
+            assert takes_any or set(optional) <= set(ours), (module, name, optional)
 
 
 def test_operator_products_equal_3_0_1(theirs, problem):

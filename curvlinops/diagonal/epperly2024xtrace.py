@@ -1,11 +1,8 @@
-"""curvlinops-for-pytorch 3.0.1's ``curvlinops.diagonal.epperly2024xtrace``: :func:`xdiag`.
+"""curvlinops-for-pytorch 3.0.1's ``curvlinops.diagonal.epperly2024xtrace``.
 
-:func:`curvlinops.estimators.xdiag`, taking ``distribution`` also positionally.
+:func:`curvlinops.estimators.xdiag` under that module path.
 """
 
-from curvlinops import estimators
-from curvlinops._cfp_signatures import positional_distribution
+from curvlinops.estimators import xdiag
 
 __all__ = ["xdiag"]
-
-xdiag = positional_distribution(estimators.xdiag)

@@ -1,11 +1,8 @@
-"""curvlinops-for-pytorch 3.0.1's ``curvlinops.trace.epperly2024xtrace``: :func:`xtrace`.
+"""curvlinops-for-pytorch 3.0.1's ``curvlinops.trace.epperly2024xtrace``.
 
-:func:`curvlinops.estimators.xtrace`, taking ``distribution`` also positionally.
+:func:`curvlinops.estimators.xtrace` under that module path.
 """
 
-from curvlinops import estimators
-from curvlinops._cfp_signatures import positional_distribution
+from curvlinops.estimators import xtrace
 
 __all__ = ["xtrace"]
-
-xtrace = positional_distribution(estimators.xtrace)

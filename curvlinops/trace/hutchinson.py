@@ -1,11 +1,8 @@
-"""curvlinops-for-pytorch 3.0.1's ``curvlinops.trace.hutchinson``: :func:`hutchinson_trace`.
+"""curvlinops-for-pytorch 3.0.1's ``curvlinops.trace.hutchinson``.
 
-:func:`curvlinops.estimators.hutchinson_trace`, taking ``distribution`` also positionally.
+:func:`curvlinops.estimators.hutchinson_trace` under that module path.
 """
 
-from curvlinops import estimators
-from curvlinops._cfp_signatures import positional_distribution
+from curvlinops.estimators import hutchinson_trace
 
 __all__ = ["hutchinson_trace"]
-
-hutchinson_trace = positional_distribution(estimators.hutchinson_trace)

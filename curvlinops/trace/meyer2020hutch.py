@@ -1,11 +1,8 @@
-"""curvlinops-for-pytorch 3.0.1's ``curvlinops.trace.meyer2020hutch``: :func:`hutchpp_trace`.
+"""curvlinops-for-pytorch 3.0.1's ``curvlinops.trace.meyer2020hutch``.
 
-:func:`curvlinops.estimators.hutchpp_trace`, taking ``distribution`` also positionally.
+:func:`curvlinops.estimators.hutchpp_trace` under that module path.
 """
 
-from curvlinops import estimators
-from curvlinops._cfp_signatures import positional_distribution
+from curvlinops.estimators import hutchpp_trace
 
 __all__ = ["hutchpp_trace"]
-
-hutchpp_trace = positional_distribution(estimators.hutchpp_trace)
