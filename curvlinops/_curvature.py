@@ -306,14 +306,14 @@ class CurvatureOperator(LinearOperator):
         """
         cache = self._usable_cache(V)
         kept = [i for i, n in enumerate(self._batch_sizes) if n > 0]
+        # the bar reads like curvlinops-for-pytorch 3.0.1's, one "_matmat" bar per product
+        label = f"{type(self).__name__}._matmat (on {self.backend.device})"
         if cache is not None and cache.holds_all(kept):
-            for index in kept:
+            for index in self._progress(kept, label):
                 yield index, self._apply_linearization(cache.get(index), V, index, adjoint)
             return
         product = self._compiled_rmatmat if adjoint else self._compiled_matmat
         primals = self.backend.primals
-        # the bar reads like curvlinops-for-pytorch 3.0.1's, one "_matmat" per product
-        label = f"{type(self).__name__}._matmat (on {self.backend.device})"
         for index, X, y, n in self._batches(label):
             if n == 0:  # an empty batch adds nothing (and its mean loss is NaN)
                 continue

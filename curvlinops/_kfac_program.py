@@ -370,5 +370,6 @@ def check_two_dimensional(z: Any) -> None:
             "model_func",
             "outputs of shape (N, C) for EKFAC (as in curvlinops-for-pytorch)",
             f"outputs of shape {tuple(z.shape)}",
-            "Use KFACLinearOperator for models with sequence or image outputs.",
+            "Only 2d outputs are supported (as in curvlinops-for-pytorch, whose message this "
+            "is); use KFACLinearOperator for models with sequence or image outputs.",
         )

@@ -27,6 +27,7 @@ a PyTorch and a JAX operand differ.
 
 from __future__ import annotations
 
+import operator
 import sys
 import warnings
 from collections.abc import Iterator
@@ -581,8 +582,12 @@ def _warn_if_not_finite(xp: Any, value: Any, name: str) -> None:
 
 # --- argument checks -------------------------------------------------------------------
 def _check_count(value: Any, argument: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    if isinstance(value, bool):
         raise type_error(argument, f"an int >= {minimum}", value)
+    try:  # ints, and 0-d integer arrays (3.0.1's examples pass torch.arange entries)
+        value = operator.index(value)
+    except TypeError:
+        raise type_error(argument, f"an int >= {minimum}", value) from None
     if value < minimum:
         fix = ""
         if argument == "num_matvecs":

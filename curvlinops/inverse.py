@@ -201,8 +201,8 @@ class CGInverseLinearOperator(_InverseBase):
         gpytorch_options = _take_gpytorch_options(unsupported)
         _refuse_options(unsupported, "CGInverseLinearOperator", _CG_OPTIONS_3_0_1)
         tol = _one_of(tol, "tol", tolerance, "tolerance")
-        if tol is None and gpytorch_options.get("stop_updating_after") is not None:
-            tol = gpytorch_options["stop_updating_after"]
+        if tol is None and gpytorch_options:  # GPyTorch's per-column stop, default 1e-10
+            tol = gpytorch_options.get("stop_updating_after", _GPYTORCH_STOP_UPDATING_AFTER)
         maxiter = _one_of(maxiter, "maxiter", max_iter, "max_iter")
         self.tol = 1e-5 if tol is None else check_real(tol, "tol", minimum=0.0)
         self.atol = check_real(atol, "atol", minimum=0.0)
@@ -846,6 +846,12 @@ _CG_OPTIONS_3_0_1 = {
     "max_tridiag_iter": "max_tridiag_iter has no effect (no tridiagonal matrices are returned)",
 }
 _WARNED_3_0_1: set[str] = set()
+_GPYTORCH_STOP_UPDATING_AFTER = 1e-10
+_GPYTORCH_STOPPING = (
+    "with any of GPyTorch's keywords and no tol/tolerance, each column iterates until its "
+    "relative residual is below stop_updating_after (GPyTorch's default 1e-10) or max_iter "
+    "iterations have run, as in GPyTorch"
+)
 _LSMR_OPTIONS_SCIPY = {
     "x0": "LSMR starts from zero; solve for the correction b - A x0 instead",
     "show": "the iterations are reported in .info after each product",
@@ -858,6 +864,9 @@ def _take_gpytorch_options(options: dict) -> dict:
     Each warns once per process, saying what it means here.
     """
     taken = {name: options.pop(name) for name in list(options) if name in _CG_OPTIONS_3_0_1}
+    if taken and "stopping" not in _WARNED_3_0_1:
+        _WARNED_3_0_1.add("stopping")
+        warnings.warn(f"CGInverseLinearOperator: {_GPYTORCH_STOPPING}.", UserWarning, stacklevel=4)
     for name in sorted(taken):
         if name not in _WARNED_3_0_1:
             _WARNED_3_0_1.add(name)

@@ -14,6 +14,7 @@ import importlib
 import inspect
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -173,6 +174,7 @@ for module, names in {module_paths}.items():
         parameters = inspect.signature(getattr(importlib.import_module(module), name)).parameters
         signatures[f"{{module}}.{{name}}"] = [
             [p.name, p.default is inspect.Parameter.empty] for p in parameters.values()
+            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
         ]
 out["signatures"] = np.array(json.dumps(signatures))
 np.savez(sys.argv[1], **out)
@@ -560,3 +562,70 @@ def test_allclose_report_prints_the_differences(capsys):
     printed = capsys.readouterr().out
     assert "at index (1,): 2.00000e+00 vs 3.00000e+00" in printed
     assert "1 of 2 entries differ" in printed
+
+
+# --- 3.0.1's own test suite ---------------------------------------------------------------------
+# A small, representative part of it (base classes, lists through the Jacobian, an EF
+# product check, KFAC closed forms and state dicts, the helper modules), run as 3.0.1 runs it: from
+# a copy of its folder, with this package importable as curvlinops.
+CFP_SUITE_SAMPLE = [
+    "test/test__torch_base.py::test_input_formatting",
+    "test/test__torch_base.py::test_output_formatting",
+    "test/test__torch_base.py::test_preserve_input_format",
+    "test/test__torch_base.py::test_ChainPyTorchLinearOperator[adjoint-matmat]",
+    "test/test_utils.py",
+    "test/test_jacobian.py::test_JacobianLinearOperator[case0--matmat]",
+    "test/test_jacobian.py::test_TransposedJacobianLinearOperator[case0-adjoint-matvec]",
+    "test/test_gradient_moments.py::test_EFLinearOperator[case0--matmat]",
+    "test/test_kfac.py::test_trace[case0--all-joint_bias-check_deterministic]",
+    "test/test_inverse.py::test_KFAC_inverse_from_state_dict[-separate_bias-all-cached--exact_damping]",
+    "test/test_ekfac.py::test_save_and_load_state_dict",
+    "test/test_ekfac.py::test_compute_eigenvalue_correction_linear_weight_sharing",
+    "test/experimental/test_activation_hessian.py::test_store_activation[dev=cpu]",
+    "test/experimental/test_activation_hessian.py::test_ActivationHessianLinearOperator[dev=cpu]",
+]
+# 3.0.1's dtype is a torch.dtype; its two test helpers hand op.dtype to torch.eye / torch.rand.
+# Given .torch_dtype (this package's name for it) they run as written; nothing else is changed.
+DTYPE_HELPER_EDITS = [
+    (
+        "    return eye(dim, dtype=A.dtype, device=A.device)",
+        '    return eye(dim, dtype=getattr(A, "torch_dtype", A.dtype), device=A.device)',
+    ),
+    (  # an operator's numpy dtype -> the torch.dtype of that name (torch dtypes stay)
+        "    num_vecs = 1 if is_vec else num_vecs\n\n    M_tensor_list",
+        "    num_vecs = 1 if is_vec else num_vecs\n"
+        '    dtype = getattr(__import__("torch"), str(dtype), dtype)\n\n    M_tensor_list',
+    ),
+]
+
+
+def _cfp_suite() -> Path | None:
+    """3.0.1's test suite: ``$CFP301_TESTS``, or ``../shared/compat/cfp301-tests``."""
+    root = Path(__file__).resolve().parents[1]
+    default = root.parent / "shared" / "compat" / "cfp301-tests"
+    folder = Path(os.environ.get("CFP301_TESTS", default))
+    return folder if (folder / "test" / "conftest.py").is_file() else None
+
+
+def test_part_of_3_0_1s_own_test_suite_passes(tmp_path):
+    pytest.importorskip("einops")  # 3.0.1's tests import it
+    suite = _cfp_suite()
+    if suite is None:
+        pytest.skip(
+            "curvlinops-for-pytorch 3.0.1's test suite (../shared/compat/cfp301-tests) is absent"
+        )
+    copy = tmp_path / "cfp301"
+    shutil.copytree(suite, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    helpers = copy / "test" / "utils.py"
+    helpers.chmod(0o644)
+    text = helpers.read_text()
+    for before, after in DTYPE_HELPER_EDITS:
+        assert text.count(before) == 1, before
+        text = text.replace(before, after)
+    helpers.write_text(text)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *CFP_SUITE_SAMPLE]
+    result = subprocess.run(command, cwd=copy, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and "failed" not in result.stdout

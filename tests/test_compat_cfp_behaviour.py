@@ -238,8 +238,11 @@ def test_cg_takes_gpytorch_keywords_with_their_meaning(monkeypatch):
     A = B @ B.T + np.eye(8)
     b = rng.standard_normal(8)
     solution = np.linalg.solve(A, b)
-    with pytest.warns(UserWarning, match=r"initial_guess=...\): .*starts CG from it"):
+    with pytest.warns(UserWarning) as caught:
         warm = CGInverseLinearOperator(A, tol=1e-12, initial_guess=solution + 1e-3)
+    messages = " ".join(str(w.message) for w in caught)
+    assert "initial_guess=...): curvlinops-for-pytorch" in messages
+    assert "iterates until its relative residual is below stop_updating_after" in messages
     assert_close(warm @ b, solution, rtol=1e-9)
     assert warm.info.rhs_norms[0] == pytest.approx(np.linalg.norm(b))  # relative to b
     exact = CGInverseLinearOperator(A, tol=1e-10, initial_guess=solution)  # (warned once)
@@ -254,6 +257,7 @@ def test_cg_takes_gpytorch_keywords_with_their_meaning(monkeypatch):
     }
     assert any("is taken as tol" in str(w.message) for w in caught)
     assert loose.tol == 1e-3
+    assert CGInverseLinearOperator(A, eps=0.0).tol == 1e-10  # GPyTorch's stop_updating_after
     guarded = CGInverseLinearOperator(A, eps=1e30, tol=1e-12)  # every curvature below eps
     with pytest.warns(curvlinops.ConvergenceWarning, match="not positive definite"):
         guarded @ b
