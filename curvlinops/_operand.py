@@ -47,8 +47,11 @@ class ConvergenceWarning(RuntimeWarning):
     """An iterative method stopped before it met its tolerance."""
 
 
-class ConvergenceError(RuntimeError):
-    """An iterative method stopped before it met its tolerance (``on_failure='raise'``)."""
+class ConvergenceError(RuntimeError, ValueError):
+    """An iterative method stopped before it met its tolerance (``on_failure='raise'``).
+
+    Also a ``ValueError``: curvlinops-for-pytorch 3.0.1 raised that for a diverging series.
+    """
 
 
 class Operand:

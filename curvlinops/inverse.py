@@ -211,6 +211,8 @@ class CGInverseLinearOperator(_InverseBase):
         self.on_failure = check_choice(on_failure, "on_failure", ("warn", "raise"))
         self._precondition = self._preconditioner(preconditioner)
         self.eps, self.initial_guess = _gpytorch_meaning(gpytorch_options, self.tol)
+        # GPyTorch's CG runs at least min(10, max_iter) iterations before its tolerance test
+        self._min_iterations = min(10, self.maxiter) if gpytorch_options else 0
         self.info: CGInfo | None = None
 
     def _preconditioner(self, M: Any) -> Callable[[Any], Any] | None:
@@ -336,6 +338,9 @@ class _BatchedCG:
         self.residuals[columns] = host[0][live]
         nonfinite = live & ~np.isfinite(host[0])
         done = live & (host[0] <= self.thresholds[self.active])
+        if self.owner._min_iterations:  # GPyTorch's: at least that many, unless all but exact
+            exact = host[0] <= _GPYTORCH_STOP_UPDATING_AFTER * self.rhs_norms[self.active]
+            done &= (self.iterations[self.active] >= self.owner._min_iterations) | exact
         indefinite = live & ~done & ~nonfinite & ~(host[1] > self.owner.eps)
         self._retire(done, indefinite, nonfinite)
         if self.live.any():
@@ -485,7 +490,7 @@ class NeumannInverseLinearOperator(_InverseBase):
     ) -> None:
         super().__init__(A, damping)
         self.num_terms = check_int(num_terms, "num_terms")
-        self.scale = check_real(scale, "scale", minimum=0.0, strict=True)
+        self.scale = check_real(_scalar(scale), "scale", minimum=0.0, strict=True)
         self.on_failure = check_choice(on_failure, "on_failure", ("warn", "raise"))
         if not isinstance(check_nan, bool):
             raise type_error("check_nan", "True or False", check_nan)
@@ -848,9 +853,10 @@ _CG_OPTIONS_3_0_1 = {
 _WARNED_3_0_1: set[str] = set()
 _GPYTORCH_STOP_UPDATING_AFTER = 1e-10
 _GPYTORCH_STOPPING = (
-    "with any of GPyTorch's keywords and no tol/tolerance, each column iterates until its "
-    "relative residual is below stop_updating_after (GPyTorch's default 1e-10) or max_iter "
-    "iterations have run, as in GPyTorch"
+    "with any of GPyTorch's keywords, CG runs at least min(10, max_iter) iterations (unless "
+    "a residual is below 1e-10 of b) and, without tol/tolerance, each column iterates until "
+    "its relative residual is below stop_updating_after (GPyTorch's default 1e-10) or "
+    "max_iter iterations have run, as in GPyTorch"
 )
 _LSMR_OPTIONS_SCIPY = {
     "x0": "LSMR starts from zero; solve for the correction b - A x0 instead",
@@ -893,6 +899,13 @@ def _gpytorch_meaning(options: dict, tol: float) -> tuple[float, Any]:
     if guess is not None and not is_array(guess):
         raise type_error("initial_guess", "an array of shape (n,) or (n, K)", guess)
     return eps, guess
+
+
+def _scalar(value: Any) -> Any:
+    """A 0-d real array (3.0.1's tests pass a tensor ``scale``) as a float; else as given."""
+    if is_array(value) and getattr(value, "ndim", None) == 0 and not isinstance(value, bool):
+        return float(value)
+    return value
 
 
 def _refuse_options(options: dict, owner: str, known: dict) -> None:

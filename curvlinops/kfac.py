@@ -800,6 +800,7 @@ class EKFACLinearOperator(KFACLinearOperator):
         super().__init__(model_func, loss_func, params, data, check_deterministic=False, **options)
         if check:
             self._check_deterministic()
+            self._factors_ready()  # the corrected eigenvalues too, as 3.0.1 has them then
 
     def state_dict(self) -> dict[str, Any]:
         """KFAC's state, plus the eigenvectors and corrected eigenvalues."""
@@ -958,6 +959,7 @@ def _check_damping(damping: Any, single: bool) -> None:
                 "damping",
                 "one number for heuristic or exact damping",
                 f"the pair {damping!r}",
+                "Heuristic and exact damping require a single damping value.",
             )
         if len(damping) != 2 or not all(isinstance(d, (int, float)) for d in damping):
             raise value_error("damping", "a number or a pair (δ_A, δ_G)", repr(damping))
