@@ -800,7 +800,6 @@ class EKFACLinearOperator(KFACLinearOperator):
         super().__init__(model_func, loss_func, params, data, check_deterministic=False, **options)
         if check:
             self._check_deterministic()
-            self._factors_ready()  # the corrected eigenvalues too, as 3.0.1 has them then
 
     def state_dict(self) -> dict[str, Any]:
         """KFAC's state, plus the eigenvectors and corrected eigenvalues."""
@@ -822,6 +821,10 @@ class EKFACLinearOperator(KFACLinearOperator):
             state_dict["gradient_covariances_eigenvectors"]
         )
         self._corrected_eigenvalues = dict(state_dict["corrected_eigenvalues"])
+
+    def _check_deterministic(self) -> None:
+        super()._check_deterministic()  # recomputes the factors, which drops the correction
+        self._factors_ready()  # the corrected eigenvalues too, as 3.0.1 has them after it
 
     def compute_kronecker_factors(self) -> None:
         """Compute the Kronecker factors; the eigencorrection is then recomputed too."""

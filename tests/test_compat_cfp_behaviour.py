@@ -409,3 +409,30 @@ def test_progressbar_names_each_product_matmat(capsys):
     capsys.readouterr()
     G @ torch.ones(G.shape[1], dtype=F64)
     assert "GGNLinearOperator._matmat (on cpu)" in capsys.readouterr().err
+
+
+def test_3_0_1_module_paths_import_no_framework():
+    import subprocess
+    import sys
+
+    modules = [
+        "curvlinops._torch_base",
+        "curvlinops.ekfac",
+        "curvlinops.sampling",
+        "curvlinops.kfac_utils",
+        "curvlinops.gradient_moments",
+        "curvlinops.experimental.activation_hessian",
+        "curvlinops.trace.hutchinson",
+        "curvlinops.trace.meyer2020hutch",
+        "curvlinops.trace.epperly2024xtrace",
+        "curvlinops.diagonal.hutchinson",
+        "curvlinops.diagonal.epperly2024xtrace",
+        "curvlinops.norm.hutchinson",
+    ]
+    code = (
+        f"import sys, importlib\nfor m in {modules!r}: importlib.import_module(m)\n"
+        "print(sorted({'torch', 'jax', 'cupy'} & set(sys.modules)))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
