@@ -91,9 +91,10 @@ def hutchinson_trace(
         num_matvecs: Number of probes (= products with ``A``).
         distribution: ``"rademacher"`` or ``"normal"``.
         seed: Non-negative int that fixes the probes. ``None`` (default): fresh
-            probes, from a seed drawn from the global generator of ``A``'s library
-            (PyTorch's for PyTorch operands, numpy's otherwise), as in
-            curvlinops-for-pytorch: ``torch.manual_seed`` makes them repeatable.
+            probes from the global generator of ``A``'s library: for PyTorch
+            operands drawn vector by vector as curvlinops-for-pytorch 3.0.1 draws
+            them (the same numbers after ``torch.manual_seed``), otherwise from a
+            seed drawn from numpy's.
         block_size: Probes per ``matmat`` call (bounds memory). Default:
             :data:`DEFAULT_BLOCK_SIZE`, fewer when that many would take more than
             a quarter of the available memory (see the module docs).
@@ -444,6 +445,8 @@ class _Operand:
         is the same whatever the block size.
         """
         distribution = _check_distribution(distribution)
+        if seed is None and self.operand.library == "torch":
+            return self._torch_global_probes(stop - start, distribution)
         seed = self._resolved_seed(seed)
         width = self.chunk_columns()
         first, last = start // width, (stop - 1) // width
@@ -454,6 +457,16 @@ class _Operand:
         drawn = chunks[0] if len(chunks) == 1 else self.xp.concat(chunks, axis=1)
         offset = first * width
         return drawn[:, start - offset : stop - offset]
+
+    def _torch_global_probes(self, count: int, distribution: str) -> Any:
+        """``count`` probes from PyTorch's global generator, vector by vector.
+
+        As curvlinops-for-pytorch 3.0.1 draws them: the same numbers after ``torch.manual_seed``.
+        """
+        from curvlinops.backends._cfp_torch import random_columns  # a torch operand: loaded
+
+        like = self.operand.from_host(np.zeros(1, dtype=self.operand.dtype))
+        return random_columns(self.n, count, distribution, like)
 
     def _resolved_seed(self, seed: int | None) -> int:
         """``seed``, or for ``None`` one fresh seed for this call (its probes' every block)."""

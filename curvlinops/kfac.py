@@ -618,7 +618,8 @@ class KFACInverseLinearOperator(LinearOperator):
                 "use_heuristic_damping/use_exact_damping",
                 "at most one of them",
                 "both True",
-                "Choose the heuristic split of the damping or exact damping.",
+                "Either use heuristic damping or exact damping (curvlinops-for-pytorch's "
+                "words): choose the heuristic split of the damping or exact damping.",
             )
         _check_damping(damping, use_heuristic_damping or use_exact_damping)
         self._A = A

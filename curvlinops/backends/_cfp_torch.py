@@ -16,6 +16,7 @@ from curvlinops._checks import type_error, value_error
 
 __all__ = [
     "compute_eigenvalue_correction_linear_weight_sharing",
+    "random_columns",
     "extract_averaged_patches",
     "extract_patches",
     "loss_hessian_matrix_sqrt",
@@ -28,8 +29,10 @@ __all__ = [
 # --- curvlinops.sampling: PyTorch's global generator, as 3.0.1 -------------------------
 def rademacher(dim: int, device: Any, dtype: torch.dtype) -> torch.Tensor:
     """A vector of ``dim`` independent ±1 entries (from PyTorch's global generator)."""
-    signs = torch.randint(0, 2, (dim,), device=device)
-    return (2 * signs - 1).to(_torch_dtype(dtype))
+    # Bernoulli draws, as 3.0.1 (the same numbers after torch.manual_seed)
+    return (
+        torch.empty(dim, device=device, dtype=_torch_dtype(dtype)).bernoulli_(0.5).mul_(2).sub_(1)
+    )
 
 
 def normal(dim: int, device: Any, dtype: torch.dtype) -> torch.Tensor:
@@ -43,6 +46,16 @@ def random_vector(dim: int, distribution: str, device: Any, dtype: torch.dtype) 
     if draw is None:
         raise value_error("distribution", "'rademacher' or 'normal'", repr(distribution))
     return draw(dim, device, dtype)
+
+
+def random_columns(dim: int, count: int, distribution: str, like: torch.Tensor) -> torch.Tensor:
+    """``count`` vectors of :func:`random_vector`, drawn one after another, as columns.
+
+    The estimators' probes for ``seed=None``: one draw per vector (not one for the block)
+    keeps PyTorch's global generator in step with curvlinops-for-pytorch 3.0.1's.
+    """
+    columns = [random_vector(dim, distribution, like.device, like.dtype) for _ in range(count)]
+    return torch.stack(columns, dim=1) if columns else like.new_zeros((dim, 0))
 
 
 def _torch_dtype(dtype: Any) -> torch.dtype:
