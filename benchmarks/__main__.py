@@ -516,6 +516,11 @@ def agreement(problem: str, values: dict, dtype: str) -> list[dict]:
 
 # --- main ----------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--tasks" in argv[:1]:  # end-to-end tasks, one contender per process (benchmarks/tasks.py)
+        from benchmarks import tasks
+
+        return tasks.main(argv[1:])
     args = parse_args(argv)
     if args.problems == [LARGE_PROBLEM]:
         from benchmarks import bench_large

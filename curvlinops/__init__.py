@@ -35,6 +35,7 @@ from curvlinops.ggn import GGNLinearOperator
 from curvlinops.gradient import gradient_and_loss
 from curvlinops.hessian import HessianLinearOperator
 from curvlinops.influence import ResponseJacobianLinearOperator, influence_on_test_loss
+from curvlinops.influence_scores import InfluenceScorer
 from curvlinops.inverse import (
     CGInverseLinearOperator,
     LSMRInverseLinearOperator,
@@ -75,6 +76,7 @@ __all__ = [
     "GGNLinearOperator",
     "HessianLinearOperator",
     "IdentityLinearOperator",
+    "InfluenceScorer",
     "JacobianLinearOperator",
     "KFACInverseLinearOperator",
     "KFACLinearOperator",

@@ -235,7 +235,7 @@ class LinearOperator(ScipyLinearOperator):
         # a scipy solver drives us: its BLAS threads off our cores
         with _blas_guard.holding() if guard else contextlib.nullcontext():
             Y = self._native(X, adjoint) if X.ndim == 2 else self._native_vector(X, adjoint)
-        self._check_finite(Y)
+        self._check_finite(Y, X, argument)
         if shared:
             # x's memory is read by the backend: finish before the caller may change it
             Y = b.block_until_ready(Y)
@@ -324,7 +324,7 @@ class LinearOperator(ScipyLinearOperator):
         ]
         X = b.concat(flat, axis=0)
         Y = self._native(X, adjoint) if K is not None else self._native_vector(X, adjoint)
-        self._check_finite(Y)
+        self._check_finite(Y, X, argument)
         Y = b.block_until_ready(Y)
 
         def hand_back(block: Any) -> Any:
@@ -344,15 +344,25 @@ class LinearOperator(ScipyLinearOperator):
             return b.tree_flatten(b.primals)[1](pieces) if b.name != "torch" else pieces
         return pieces
 
-    def _check_finite(self, Y: Any) -> None:
+    def _check_finite(self, Y: Any, X: Any, argument: str) -> None:
         b = self.backend
-        if b is not None and b.is_concrete(Y) and not b.all_finite(Y):
-            warnings.warn(
-                f"{type(self).__name__}: the product contains NaN or inf. Check the model's "
-                "outputs and the loss on your data (e.g. log of zero, overflow in float16).",
-                RuntimeWarning,
-                stacklevel=3,
+        if b is None or not b.is_concrete(Y) or b.all_finite(Y):
+            return
+        if b.is_concrete(X) and not b.all_finite(X):  # looked at only when Y is bad
+            cause = (
+                f"the input {argument} contains NaN or inf, and a product carries them "
+                f"through. Check how {argument} was computed."
             )
+        else:
+            cause = (
+                "Check the model's outputs and the loss on your data (e.g. log of zero, "
+                "overflow in float16)."
+            )
+        warnings.warn(
+            f"{type(self).__name__}: the product contains NaN or inf; {cause}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
     def __repr__(self) -> str:
         backend = "" if self.backend is None else f", backend={self.backend.name}"

@@ -19,12 +19,17 @@ from typing import Any
 
 import numpy as np
 
-from curvlinops._base import LinearOperator
+from curvlinops._base import LinearOperator, _numpy_dtype
 from curvlinops._checks import type_error, value_error
-from curvlinops._linearization import LinearizationCache, check_cache_options
+from curvlinops._linearization import (
+    LinearizationCache,
+    active_solver_trace,
+    check_cache_options,
+)
 from curvlinops._memory import MemoryEstimate, operator_memory
 from curvlinops._tracing import compiled_method
 from curvlinops.backends import make_backend
+from curvlinops.backends._arrays import is_array
 
 __all__ = ["DEFAULT_COLUMNS_PER_PASS", "CurvatureOperator", "map_columns", "outputs_with_jvp"]
 
@@ -330,10 +335,17 @@ class CurvatureOperator(LinearOperator):
     def _usable_cache(self, V: Any) -> LinearizationCache | None:
         """The cache, fresh for the current parameters, if this product may use it."""
         cache = self._cache
-        if not (cache.enabled and self._linearizable() and self.backend.can_linearize(V)):
+        if not (cache.enabled and self._linearizable()):
+            return None
+        if self.backend.can_linearize(V):
+            cache.check_fresh(self.backend.parameters_token())
+            return cache
+        # a solver compiling its loop reads what is kept (nothing is built under a trace)
+        kept = [i for i, n in enumerate(self._batch_sizes) if n > 0]
+        if active_solver_trace() is None or not cache.holds_all(kept):
             return None
         cache.check_fresh(self.backend.parameters_token())
-        return cache
+        return cache if cache.holds_all(kept) else None
 
     def _apply_linearization(self, state: Any, V: Any, index: int, adjoint: bool) -> Any:
         name = "_linearized_rmatmat" if adjoint else "_linearized_matmat"
@@ -399,6 +411,9 @@ class CurvatureOperator(LinearOperator):
         """
         if self._converted is not None:
             return iter(self._progress(self._converted, description))
+        trace = active_solver_trace()
+        if trace is not None and not isinstance(self._data, (list, tuple)):
+            trace.streamed = True
         if isinstance(self._data, (list, tuple)):
             self._converted = list(self._read(self._data))
             return iter(self._progress(self._converted, description))
@@ -440,7 +455,7 @@ class CurvatureOperator(LinearOperator):
             batch_sizes.append(n)
             if n == 0 and self._needs_loss:  # an empty batch adds nothing to a loss
                 continue
-            outputs = b.model_fn(b.primals, X)
+            outputs = model_outputs(b, b.primals, X, f"data batch {index}")
             if not self._needs_loss:
                 output_sizes.append(int(np.prod(outputs.shape, dtype=int)))
                 self._batch_output_shapes.append(tuple(outputs.shape))
@@ -448,32 +463,16 @@ class CurvatureOperator(LinearOperator):
                 self._check_batch(index, X, y, outputs)
         if not batch_sizes and self._comm.world_size == 1:
             raise value_error("data", "at least one batch (X, y)", "an empty iterable")
+        loss = self._loss
+        if getattr(loss, "weighted_mean", False) and loss.reduction == "mean":
+            if sum(1 for n in batch_sizes if n) > 1 or self._comm.world_size > 1:
+                raise loss.coupled_error(
+                    "data in several batches (each batch divides by its own weights)"
+                )
         return batch_sizes, output_sizes
 
     def _check_batch(self, index: int, X: Any, y: Any, outputs: Any) -> None:
-        """Finite inputs, targets that suit the loss, finite outputs; else name the culprit."""
-        b = self.backend
-        if not all(b.all_finite(leaf) for leaf in _float_leaves(b, X)):
-            raise value_error(
-                f"X of data batch {index}",
-                "finite inputs",
-                "NaN or inf values",
-                "Remove or impute the examples with missing values.",
-            )
-        if self._loss is not None and y is not None:
-            self._loss.check_targets(b, outputs, y, f"y of data batch {index}")
-        if b.all_finite(outputs):
-            return
-        leaves = b.tree_flatten(b.primals)[0]
-        bad = [n for n, p in zip(b.param_names, leaves) if not b.all_finite(p)]
-        raise value_error(
-            "model_func",
-            "finite outputs",
-            f"NaN or inf outputs on data batch {index}, whose inputs are finite",
-            f"The parameters {bad} hold NaN or inf."
-            if bad
-            else "Look for an overflow (float16, exp) or a log or division of zero in the model.",
-        )
+        check_batch(self.backend, self._loss, f"data batch {index}", X, y, outputs)
 
     def _check_num_data(self, num_data: int | None) -> int:
         counted = self._comm.global_count(sum(self._batch_sizes))
@@ -546,6 +545,88 @@ class CurvatureOperator(LinearOperator):
 _MEASURED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 """Per operator: its measured activations (kept off the operator, whose attributes
 key the shared compilations, see :mod:`curvlinops._tracing`)."""
+
+
+def check_batch(b: Any, loss: Any, where: str, X: Any, y: Any, outputs: Any) -> None:
+    """Finite inputs, targets that suit the loss, finite outputs; else name the culprit."""
+    if not all(b.all_finite(leaf) for leaf in _float_leaves(b, X)):
+        raise value_error(
+            f"X of {where}",
+            "finite inputs",
+            "NaN or inf values",
+            "Remove or impute the examples with missing values.",
+        )
+    if loss is not None and y is not None:
+        loss.check_targets(b, outputs, y, f"y of {where}")
+    if b.all_finite(outputs):
+        return
+    leaves = b.tree_flatten(b.primals)[0]
+    bad = [n for n, p in zip(b.param_names, leaves) if not b.all_finite(p)]
+    raise value_error(
+        "model_func",
+        "finite outputs",
+        f"NaN or inf outputs on {where}, whose inputs are finite",
+        f"The parameters {bad} hold NaN or inf."
+        if bad
+        else "Look for an overflow (float16, exp) or a log or division of zero in the model.",
+    )
+
+
+def model_outputs(b: Any, primals: Any, X: Any, where: str, like: str = "") -> Any:
+    """The model's outputs on a batch.
+
+    Inputs of another dtype than the parameters and outputs that are not one
+    array are named here rather than deep inside the framework; with ``like``
+    (a description of the inputs the model took before), any failure of the
+    model on these inputs is.
+    """
+    try:
+        outputs = b.model_fn(primals, X)
+    except (RuntimeError, TypeError, ValueError) as error:
+        others = sorted({str(_numpy_dtype(leaf)) for leaf in _float_leaves(b, X)} - {str(b.dtype)})
+        if not others and like:
+            shapes = [tuple(leaf.shape) for leaf in b.tree_flatten(X)[0]]
+            raise value_error(
+                f"X of {where}",
+                f"inputs the model accepts, {like}",
+                f"shapes {shapes} (the model failed on them: {error})",
+                "Pass inputs with the training inputs' features and layout.",
+            ) from error
+        if not others:
+            raise
+        name = np.dtype(b.dtype).name
+        raise value_error(
+            f"X of {where}",
+            f"inputs of the parameters' dtype {name}",
+            f"dtype {', '.join(others)} (the model failed on it: {error})",
+            f"Cast the data to {name} (PyTorch: X.to(torch.{name}); numpy or JAX: "
+            f"X.astype('{name}')), or the model to the data's dtype.",
+        ) from error
+    if not is_array(outputs):
+        raise type_error(
+            "model_func",
+            "a model that returns one array (the predictions or logits)",
+            outputs,
+            _outputs_fix(outputs),
+        )
+    return outputs
+
+
+def _outputs_fix(outputs: Any) -> str:
+    if isinstance(outputs, dict) or hasattr(outputs, "keys"):
+        keys = list(outputs.keys())
+        return (
+            f"It returned a mapping with the keys {keys}: wrap the model so that it returns "
+            f"the array the loss takes, e.g. lambda ...: model(...)[{keys[0]!r}] (a Hugging "
+            "Face model: its .logits)."
+        )
+    if isinstance(outputs, (tuple, list)):
+        return (
+            f"It returned a {type(outputs).__name__} of {len(outputs)}: wrap the model so that "
+            "it returns the array the loss takes, e.g. lambda ...: model(...)[0] (drop the "
+            "auxiliary outputs)."
+        )
+    return "Return the outputs as an array of the parameters' framework."
 
 
 def map_columns(backend: Any, column: Callable[[Any], Any], V: Any) -> Any:

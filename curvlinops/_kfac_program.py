@@ -182,7 +182,8 @@ class KFACProgram:
     ) -> list[Any]:
         """One batch's corrected eigenvalues, one array per :meth:`correction_keys` entry."""
         z, layer_inputs, pullback = self.capture.forward(self.backend.model_fn, primals, X, True)
-        check_two_dimensional(z)
+        if self.fisher_type == FisherType.TYPE2:
+            check_two_dimensional(z)
         columns, scale = self.output_cotangents(z, y, noise, weight)
         corrections: dict[tuple[str, Any], Any] = {}
         for chunk in column_chunks(columns):
@@ -364,12 +365,19 @@ def hessian_sqrt_term_columns(b: Any, loss: Any, z: Any) -> Any:
 
 
 def check_two_dimensional(z: Any) -> None:
-    """EKFAC needs outputs ``(N, C)``."""
+    """EKFAC with ``type-2`` needs outputs ``(N, C)``.
+
+    Its columns hold one column of every term's output-Hessian square root at
+    once, so an example's gradient would mix its terms' columns; a sampled
+    (``mc``) or empirical gradient is one example's whole gradient, exact for
+    any output shape (a sequence's summed token losses, as kronfluence).
+    """
     if z.ndim != 2:
         raise value_error(
             "model_func",
-            "outputs of shape (N, C) for EKFAC (as in curvlinops-for-pytorch)",
+            "outputs of shape (N, C) for EKFAC with fisher_type='type-2' (as in "
+            "curvlinops-for-pytorch)",
             f"outputs of shape {tuple(z.shape)}",
-            "Only 2d outputs are supported (as in curvlinops-for-pytorch, whose message this "
-            "is); use KFACLinearOperator for models with sequence or image outputs.",
+            "Only 2d outputs are supported for type-2 (curvlinops-for-pytorch's words); use "
+            "fisher_type='mc' or 'empirical' for models with sequence or image outputs.",
         )

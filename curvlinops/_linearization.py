@@ -22,13 +22,21 @@ before every product from the backend's :meth:`parameters_token`.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from collections.abc import Iterator
 from typing import Any
 
 from curvlinops._checks import type_error, value_error
 from curvlinops._memory import available_memory
 
-__all__ = ["CACHE_BUDGET_FRACTION", "LinearizationCache", "check_cache_options"]
+__all__ = [
+    "CACHE_BUDGET_FRACTION",
+    "LinearizationCache",
+    "SolverTrace",
+    "active_solver_trace",
+    "check_cache_options",
+    "solver_trace",
+]
 
 CACHE_BUDGET_FRACTION = 0.25
 """Share of the available memory that ``cache="auto"`` may keep (the solvers' own
@@ -161,3 +169,42 @@ class LinearizationCache:
             "builds": self.builds,
             "invalidations": self.invalidations,
         }
+
+
+class SolverTrace:
+    """What a solver saw while it traced an operator's product into its compiled loop.
+
+    Attributes:
+        streamed: A product read its data from an iterable that is not a list or
+            tuple (a data loader): its batches would become constants of the
+            program, all in memory at once, so the solver steps eagerly instead.
+    """
+
+    def __init__(self) -> None:
+        self.streamed = False
+
+
+_SOLVER_TRACE: contextvars.ContextVar[SolverTrace | None] = contextvars.ContextVar(
+    "curvlinops_solver_trace", default=None
+)
+
+
+@contextlib.contextmanager
+def solver_trace() -> Iterator[SolverTrace]:
+    """Products traced inside read the linearizations kept so far (they build none).
+
+    A solver that compiles its whole loop (JAX) traces the product once: kept
+    linearizations then enter its program as arguments, as they would enter
+    each eager product, instead of the product being recomputed from the data.
+    """
+    record = SolverTrace()
+    token = _SOLVER_TRACE.set(record)
+    try:
+        yield record
+    finally:
+        _SOLVER_TRACE.reset(token)
+
+
+def active_solver_trace() -> SolverTrace | None:
+    """The :class:`SolverTrace` of the solver tracing now, or ``None``."""
+    return _SOLVER_TRACE.get()

@@ -234,6 +234,8 @@ def _from_our_operator(A: LinearOperator) -> Operand:
             matmat=lambda X: np.asarray(A._native(X, False)),
             rmatmat=lambda X: np.asarray(A._native(X, True)),
         )
+    if not b.array_api:
+        return _on_host(A, b)
     like = b.zeros((1,))
     return Operand(
         A,
@@ -245,6 +247,27 @@ def _from_our_operator(A: LinearOperator) -> Operand:
         rmatmat=lambda X: A._native(X, True),
         backend=b,
         like=like,
+    )
+
+
+def _on_host(A: LinearOperator, b: Backend) -> Operand:
+    """An operator of a backend whose namespace the algorithms cannot use: they run in numpy.
+
+    Each product copies its columns to the framework and the result back
+    (:attr:`~curvlinops.backends.BackendDefaults.array_api`).
+    """
+
+    def product(X: np.ndarray, adjoint: bool) -> np.ndarray:
+        return b.to_numpy(A._native(b.import_array(X, "X")[0], adjoint))
+
+    return Operand(
+        A,
+        shape=A.shape,
+        dtype=b.dtype,
+        library="numpy",
+        xp=_NUMPY,
+        matmat=lambda X: product(X, False),
+        rmatmat=lambda X: product(X, True),
     )
 
 

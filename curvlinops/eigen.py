@@ -26,6 +26,7 @@ import numpy as np
 import scipy.sparse.linalg
 
 from curvlinops._checks import shape_error, type_error, value_error
+from curvlinops._compiled import traced_product as _traced_product
 from curvlinops._memory import (
     MemoryBudgetError,
     MemoryEstimate,
@@ -275,6 +276,15 @@ def _lanczos(
     Columns that break down continue as zero vectors with zero coupling, which
     adds decoupled zero blocks to ``T`` that carry no quadrature weight.
     """
+    if _traced_product(op, Q0.shape[1]) is not None:
+        from curvlinops.backends import _krylov_jax
+
+        W0 = op.matmat(Q0)  # eagerly: the operator keeps its linearizations now
+        program, arrays = _traced_product(op, Q0.shape[1])
+        op.num_products += num_steps - 1
+        return _krylov_jax.tridiagonalize(
+            program, arrays, Q0, W0, num_steps, reorthogonalize, keep_basis
+        )
     xp = op.xp
     n, m = Q0.shape
     keep = reorthogonalize or keep_basis
@@ -445,6 +455,13 @@ def eigsh(
     the smallest basis does not fit, a :class:`MemoryBudgetError` says what is
     needed, what is available and which options lower it.
 
+    JAX: the whole loop (products, Gram-Schmidt, restarts, convergence test) runs
+    in one compiled program, the host reads the results once at the end; its
+    inner products are summed in float64 (with ``jax_enable_x64``) or with a
+    compensated sum of block partial sums; the basis is updated in place there
+    too. Where the product cannot be traced (data from a loader, host reads),
+    the loop steps eagerly.
+
     Args:
         A: A symmetric operator or matrix (see above).
         k: Number of eigenvalues, ``1 <= k < n``.
@@ -516,11 +533,12 @@ def eigsh(
     if not single:
         raise shape_error("v0", f"a vector of shape ({op.shape[0]},)", tuple(start.shape))
     start = start[:, 0]
+    compiled = native and op.library == "jax"  # the whole loop in one program
     if native:
         # handed over in a list, so that no reference here keeps the vector alive
         handover, start = [start], None
         result, info = _eigsh_native(
-            op, handover, seed, bool(return_eigenvectors), on_failure, **options
+            op, handover, seed, bool(return_eigenvectors), on_failure, compiled, **options
         )
         if return_info and return_eigenvectors:
             _check_computed_residuals(op, result, info, on_failure)
@@ -887,6 +905,7 @@ def _eigsh_native(
     seed: int,
     return_eigenvectors: bool,
     on_failure: str,
+    compiled: bool,
     *,
     k: int,
     which: str,
@@ -894,9 +913,17 @@ def _eigsh_native(
     maxiter: int,
     tol: float | None,
 ) -> Any:
-    """Thick-restart Lanczos in the operator's array library (``start``: a list to empty)."""
+    """Thick-restart Lanczos in the operator's array library (``start``: a list to empty).
+
+    ``compiled``: try the whole loop in one compiled program (JAX).
+    """
     xp = op.xp
     tol = op.eps ** (2 / 3) if tol is None else tol
+    if compiled:
+        compiled = _eigsh_compiled(op, start, seed, return_eigenvectors, on_failure,
+                                   k=k, which=which, ncv=ncv, maxiter=maxiter, tol=tol)  # fmt: skip
+        if compiled is not None:
+            return compiled
     krylov = _Krylov(op, start.pop(), ncv, seed)
     while True:
         while krylov.size < ncv and krylov.next is not None:
@@ -916,16 +943,8 @@ def _eigsh_native(
         relative = residuals[wanted] / scale
         _report_eigsh_failure(on_failure, bad, relative, tol, krylov.restarts, op)
     wanted = wanted[np.argsort(theta_host[wanted], kind="stable")]
-    info = {
-        "solver": "thick-restart Lanczos",
-        "restarts": krylov.restarts,
-        "products": op.num_products,
-        "tol": tol,
-        "criterion": "residual <= tol * max|Ritz value|",
-        "converged": not bool(bad.any()),
-        "residuals": residuals[wanted].tolist(),
-        "relative_residuals": _relative(residuals[wanted], theta_host[wanted]).tolist(),
-    }
+    info = _native_info("thick-restart Lanczos", krylov.restarts, op, tol, bad,
+                        residuals[wanted], theta_host[wanted])  # fmt: skip
     index = op.index(wanted)
     values = xp.take(theta, index)
     if not return_eigenvectors:
@@ -933,6 +952,79 @@ def _eigsh_native(
     krylov.next = None  # the work vectors go before the eigenvectors come
     # V has ncv rows, all in use: the Ritz vectors are V^T S[:, wanted]
     vectors = xp.matrix_transpose(krylov.V) @ xp.take(S, index, axis=1)
+    return (values, vectors), info
+
+
+def _native_info(
+    solver: str,
+    restarts: int,
+    op: Operand,
+    tol: float,
+    bad: np.ndarray,
+    residuals: np.ndarray,
+    values: np.ndarray,
+) -> dict[str, Any]:
+    """The info dict of the native solver, for the returned pairs (ascending)."""
+    return {
+        "solver": solver,
+        "restarts": restarts,
+        "products": op.num_products,
+        "tol": tol,
+        "criterion": "residual <= tol * max|Ritz value|",
+        "converged": not bool(bad.any()),
+        "residuals": residuals.tolist(),
+        "relative_residuals": _relative(residuals, values).tolist(),
+    }
+
+
+def _eigsh_compiled(
+    op: Operand,
+    start: list,
+    seed: int,
+    return_eigenvectors: bool,
+    on_failure: str,
+    *,
+    k: int,
+    which: str,
+    ncv: int,
+    maxiter: int,
+    tol: float,
+) -> Any:
+    """:func:`_eigsh_native` for JAX operands in one compiled loop (``None``: not traceable).
+
+    The first product runs eagerly (an operator keeps its linearizations then, and
+    the product is traced again to read them), the rest inside the program; the
+    host reads the results once.
+    """
+    from curvlinops.backends import _krylov_jax
+
+    if _traced_product(op, 1) is None:
+        return None
+    first = op.matmat(start[-1][:, None])[:, 0]
+    traced = _traced_product(op, 1)
+    out = _krylov_jax.thick_restart(*traced, start.pop(), first, ncv=ncv, k=k, which=which,
+                                    maxiter=maxiter, tol=tol, seed=seed,
+                                    vectors=return_eigenvectors)  # fmt: skip
+    host = {key: op.to_host(out[key]) for key in ("theta", "residuals", "order", "status")}
+    counters = {key: int(op.to_host(out[key])) for key in ("restarts", "products")}
+    op.num_products += counters["products"]
+    if int(host["status"]) == _krylov_jax.NONFINITE:
+        raise_nonfinite("eigsh")
+    theta_host, residuals = np.asarray(host["theta"], np.float64), host["residuals"]
+    wanted = np.asarray(host["order"])[:k]
+    scale = max(float(np.max(np.abs(theta_host))), np.finfo(op.dtype).tiny)
+    bad = residuals[wanted] > tol * scale
+    if bad.any():
+        _report_eigsh_failure(on_failure, bad, residuals[wanted] / scale, tol,
+                              counters["restarts"], op)  # fmt: skip
+    wanted = wanted[np.argsort(theta_host[wanted], kind="stable")]
+    info = _native_info("thick-restart Lanczos (compiled loop)", counters["restarts"], op, tol,
+                        bad, residuals[wanted], theta_host[wanted])  # fmt: skip
+    index = op.index(wanted)
+    values = op.xp.take(out["theta"], index)
+    if not return_eigenvectors:
+        return values, info
+    vectors = out.pop("ritz_vectors")(op.xp.take(out["S"], index, axis=1))
     return (values, vectors), info
 
 

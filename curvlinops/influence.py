@@ -36,7 +36,13 @@ from scipy.sparse.linalg import LinearOperator as ScipyLinearOperator
 
 from curvlinops._base import LinearOperator
 from curvlinops._checks import shape_error, type_error, value_error
-from curvlinops._curvature import DEFAULT_COLUMNS_PER_PASS, _check_data, _split_batch
+from curvlinops._curvature import (
+    DEFAULT_COLUMNS_PER_PASS,
+    _check_data,
+    _split_batch,
+    check_batch,
+    model_outputs,
+)
 from curvlinops._operand import check_int, check_real
 from curvlinops.backends import Backend, make_backend
 from curvlinops.inverse import CGInverseLinearOperator, _InverseBase
@@ -161,6 +167,13 @@ class _Objective:
             )
         self.fn = objective
         self.b = make_backend(objective, params, backend)
+        if isinstance(hyperparams, (int, float, complex)) or hyperparams is None:
+            raise type_error(
+                "hyperparams",
+                f"arrays of the params' framework ({self.b.name})",
+                hyperparams,
+                "Wrap the number, e.g. [torch.tensor(0.1, dtype=...)] or jnp.asarray(0.1).",
+            )
         self.hb = make_backend(objective, hyperparams, self.b.name)
         if self.hb.dtype != self.b.dtype:
             raise value_error(
@@ -174,6 +187,20 @@ class _Objective:
         self.num_hyperparams = _size(self.hb)
         self._params_like = _user_structure(self.b, params)
         self._hyper_like = _user_structure(self.hb, hyperparams)
+        self._check_scalar()
+
+    def _check_scalar(self) -> None:
+        """One evaluation on the first batch: the objective must be a scalar."""
+        batch = next(self.batches(), ())
+        value = self.value(self.b.primals, self.hb.primals, batch)
+        shape = tuple(getattr(value, "shape", ()))
+        if shape:
+            raise value_error(
+                "objective",
+                "a scalar value (the objective summed over its terms)",
+                f"an array of shape {shape}",
+                "Reduce it, e.g. return loss.sum() or loss.mean().",
+            )
 
     def batches(self) -> Iterator[tuple[Any, ...]]:
         """The native arguments after ``(params, hyperparams)``, one tuple per batch."""
@@ -358,19 +385,35 @@ def influence_on_test_loss(
     """
     b = make_backend(model_func, params, backend)
     hessian = _check_hessian(hessian, _size(b), b)
-    per_example = _PerExampleGradients(b, b.loss(loss_func), examples_per_pass)
+    loss = b.loss(loss_func)
+    per_example = _PerExampleGradients(b, loss, examples_per_pass)
     inverse = _damped_inverse(hessian, b, damping, tol, maxiter)
-    X_test, y_test = _check_test_data(test_data)
-    G_test = per_example(b.import_batch(X_test, 0), b.import_batch(y_test, 0))
-    S = inverse._native(G_test, False)  # (P, T): one solve per test point, batched
-    blocks = []
-    for index, batch in enumerate(_check_data(train_data)):
-        X, y = _split_batch(batch, index)
-        G = per_example(b.import_batch(X, index), b.import_batch(y, index))
-        blocks.append(-(S.T @ G))
-    if not blocks:
+    batches = iter(_check_data(train_data))
+    first = next(batches, None)
+    if first is None:
         raise value_error("train_data", "at least one batch (X, y)", "an empty iterable")
+    X, y = _imported(b, loss, first, 0, "train_data batch 0")
+    like = f"like the training inputs of train_data batch 0 ({_shapes(b, X)})"
+    X_test, y_test = _imported(b, loss, _check_test_data(test_data), 0, "test_data", like)
+    S = inverse._native(per_example(X_test, y_test), False)  # (P, T): one batched solve
+    blocks = [-(S.T @ per_example(X, y))]
+    for index, batch in enumerate(batches, start=1):
+        X, y = _imported(b, loss, batch, index, f"train_data batch {index}", like)
+        blocks.append(-(S.T @ per_example(X, y)))
     return blocks[0] if len(blocks) == 1 else b.concat(blocks, axis=1)
+
+
+def _imported(b: Backend, loss: Any, batch: Any, index: int, where: str, like: str = "") -> tuple:
+    """A batch as native arrays, checked as the operators check theirs (naming ``where``)."""
+    X, y = _split_batch(batch, index)
+    X, y = b.import_batch(X, index), b.import_batch(y, index)
+    check_batch(b, loss, where, X, y, model_outputs(b, b.primals, X, where, like))
+    return X, y
+
+
+def _shapes(b: Backend, X: Any) -> str:
+    shapes = [tuple(leaf.shape) for leaf in b.tree_flatten(X)[0]]
+    return f"shape {shapes[0]}" if len(shapes) == 1 else f"shapes {shapes}"
 
 
 class _PerExampleGradients:
@@ -430,19 +473,19 @@ def _leading_size(b: Backend, tree: Any) -> int:
     return int(leaves[0].shape[0])
 
 
-def _check_hessian(hessian: Any, P: int, b: Backend) -> Any:
+def _check_hessian(hessian: Any, P: int, b: Backend, argument: str = "hessian") -> Any:
     if not (isinstance(hessian, ScipyLinearOperator) or hasattr(hessian, "shape")):
-        raise type_error("hessian", f"a {P} x {P} operator (e.g. HessianLinearOperator)", hessian)
+        raise type_error(argument, f"a {P} x {P} operator (e.g. HessianLinearOperator)", hessian)
     if tuple(hessian.shape) != (P, P):
         raise shape_error(
-            "hessian",
+            argument,
             f"a ({P}, {P}) operator for the {P} parameters",
             tuple(hessian.shape),
             "Build it from the same parameters.",
         )
     other = getattr(hessian, "backend", None)
     if other is not None and other.name != b.name:
-        raise type_error("hessian", f"an operator of the {b.name} backend, like params", hessian)
+        raise type_error(argument, f"an operator of the {b.name} backend, like params", hessian)
     return hessian
 
 

@@ -22,6 +22,7 @@ from scipy.sparse.linalg import LinearOperator as ScipyLinearOperator
 
 from curvlinops._base import LinearOperator
 from curvlinops._checks import shape_error, type_error, value_error
+from curvlinops._compiled import traced_product
 from curvlinops._operand import (
     ConvergenceError,
     ConvergenceWarning,
@@ -322,11 +323,45 @@ class _BatchedCG:
         return R if M is None else M(R)
 
     def run(self) -> Any:
+        # JAX without a preconditioner: after the first step (an operator keeps its
+        # linearizations then), the rest in one compiled loop where the product traces
+        compiled = self.op.library == "jax" and self.owner._precondition is None
         for _ in range(self.owner.maxiter):
             if not self.live.any():
                 break
             self._step()
+            if compiled and self.live.any() and self.products < self.owner.maxiter:
+                if self._run_compiled():
+                    break
+                compiled = False
         return self._assemble()
+
+    def _run_compiled(self) -> bool:
+        """The remaining iterations in one compiled loop (``False``: the product does not trace)."""
+        from curvlinops.backends import _krylov_jax
+
+        traced = traced_product(self.op, self.P.shape[1], self.owner._damped)
+        if traced is None:
+            return False
+        thresholds = self.op.from_host(self.thresholds[self.active].astype(self.op.dtype))
+        state = (self.X, self.R, self.P, self.rz, self.op.from_host(self.live))
+        out = _krylov_jax.conjugate_gradients(
+            *traced, state, thresholds, self.owner.maxiter - self.products
+        )
+        names = ("iterations", "residuals", "done", "indefinite", "nonfinite", "live")
+        host = {name: self.op.to_host(out[name]) for name in names}
+        steps = int(self.op.to_host(out["steps"]))
+        self.products += steps
+        self.op.num_products += steps
+        stepped = host["iterations"] > 0
+        self.iterations[self.active] += host["iterations"]
+        self.residuals[self.active[stepped]] = host["residuals"][stepped]
+        for name, flags in (("converged", "done"), ("indefinite", "indefinite"),
+                            ("nonfinite", "nonfinite")):  # fmt: skip
+            getattr(self, name)[self.active] |= host[flags]
+        self.X, self.R = out["X"], out["R"]
+        self.live = host["live"].astype(bool)
+        return True
 
     def _step(self) -> None:
         AP = self.owner._damped(self.P)

@@ -36,6 +36,7 @@ from curvlinops._base import LinearOperator
 from curvlinops._checks import check_positive_int, type_error, value_error
 from curvlinops._curvature import CurvatureOperator
 from curvlinops._kfac_program import FisherType, KFACProgram, KFACType
+from curvlinops._kfac_state import check_state
 from curvlinops._tracing import compiled_method
 from curvlinops.fisher import DEFAULT_SEED, batch_seed, check_mc_samples, check_seed
 from curvlinops.losses import CallableLoss
@@ -109,7 +110,8 @@ class KFACLinearOperator(CurvatureOperator):
     The factors are computed by :meth:`compute_kronecker_factors` (at the first
     product if not before); a product then costs two small matrix products
     per layer. Layers: ``torch.nn.Linear`` (inputs ``(N, ..., d_in)``, the
-    middle axes shared) and ``torch.nn.Conv2d`` (``groups=1``, zero padding);
+    middle axes shared), Hugging Face's ``Conv1D`` (GPT-2's, the same with the
+    weight stored ``(d_in, d_out)``) and ``torch.nn.Conv2d`` (``groups=1``, zero padding);
     in JAX, each ``dot_general`` or ``conv_general_dilated`` with a parameter
     leaf as weight, and a leaf added to its output as bias (``x @ W + b``,
     ``x @ W.T + b``, flax ``Dense``/``Conv``, equinox ``Linear``), named by
@@ -158,6 +160,7 @@ class KFACLinearOperator(CurvatureOperator):
     """
 
     is_symmetric = True
+    _ekfac = False  # which state dicts load_state_dict takes
     _params_in = _params_out = True
     # curvlinops-for-pytorch 3.0.1's class attributes (its tests parametrize over them)
     _SUPPORTED_FISHER_TYPE = FisherType
@@ -228,6 +231,8 @@ class KFACLinearOperator(CurvatureOperator):
     def _check_loss(self) -> None:
         """Fail now, not at the first product, for a loss the fisher type cannot use."""
         if self._fisher_type == FisherType.TYPE2 and isinstance(self._loss, CallableLoss):
+            if self._loss.variant:
+                raise self._loss.closed_form_error("a closed-form output Hessian for 'type-2'")
             raise type_error(
                 "loss_func",
                 "MSELoss, CrossEntropyLoss or BCEWithLogitsLoss for fisher_type='type-2' "
@@ -235,6 +240,9 @@ class KFACLinearOperator(CurvatureOperator):
                 self._loss.fn,
                 "Use fisher_type='mc' or 'empirical', or one of these losses.",
             )
+        if self._fisher_type == FisherType.EMPIRICAL and getattr(self._loss, "weighted_mean", 0):
+            if self._loss.reduction == "mean":
+                raise self._loss.coupled_error("KFAC's per-example gradients")
         if self._fisher_type == FisherType.MC:
             self._loss.sample_noise(self.backend, (1,), 1, 0)  # raises for callables
 
@@ -407,30 +415,30 @@ class KFACLinearOperator(CurvatureOperator):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a :meth:`state_dict`: the model's parameters are overwritten (with a warning)."""
+        """Load a :meth:`state_dict`: the model's parameters are overwritten (with a warning).
+
+        The whole state is checked first (keys, the operator's kind, loss, number of
+        data points, the model's entries, and every factor's layer, shape, dtype and
+        finiteness); a state that does not fit is refused before anything is written.
+        """
+        check_state(self, state_dict, ekfac=self._ekfac)
+        options = (
+            check_seed(state_dict["seed"]),
+            check_enum(state_dict["fisher_type"], FisherType, "fisher_type"),
+            check_mc_samples(state_dict["mc_samples"]),
+            check_enum(state_dict["kfac_approx"], KFACType, "kfac_approx"),
+        )
         warnings.warn(
             "Loading a state dict will overwrite the parameters of the model underlying "
             "the linear operator!",
             UserWarning,
             stacklevel=2,
         )
-        self._check_loss_matches(state_dict)
-        if state_dict["num_data"] != self.num_data:
-            raise value_error(
-                "state_dict['num_data']",
-                f"the number of data points of this operator's data ({self.num_data})",
-                str(state_dict["num_data"]),
-            )
         self._capture.load_model_state(state_dict["model_func_state_dict"], self.backend)
+        self._seed, self._fisher_type, self._mc_samples, self._kfac_approx = options
         self._progressbar = bool(state_dict["progressbar"])
-        self._seed = check_seed(state_dict["seed"])
-        self._fisher_type = check_enum(state_dict["fisher_type"], FisherType, "fisher_type")
-        self._mc_samples = check_mc_samples(state_dict["mc_samples"])
-        self._kfac_approx = check_enum(state_dict["kfac_approx"], KFACType, "kfac_approx")
         self._num_per_example_loss_terms = state_dict["num_per_example_loss_terms"]
         self._separate_weight_and_bias = bool(state_dict["separate_weight_and_bias"])
-        for key in ("input_covariances", "gradient_covariances"):
-            self._check_layer_keys(state_dict[key], f"state_dict[{key!r}]")
         self._input_covariances = dict(state_dict["input_covariances"])
         self._gradient_covariances = dict(state_dict["gradient_covariances"])
         self._set_program()
@@ -478,24 +486,6 @@ class KFACLinearOperator(CurvatureOperator):
             operator._check_deterministic()
         return operator
 
-    def _check_loss_matches(self, state_dict: dict[str, Any]) -> None:
-        saved = (state_dict["loss_type"], state_dict["loss_reduction"])
-        own = (type(self._loss).__name__, self._loss.reduction)
-        if saved != own:
-            raise value_error(
-                "state_dict",
-                f"a state of an operator with the loss {own[0]}(reduction={own[1]!r})",
-                f"{saved[0]}(reduction={saved[1]!r})",
-            )
-
-    def _check_layer_keys(self, factors: dict, argument: str) -> None:
-        if factors and not set(factors) <= set(self._mapping):
-            raise value_error(
-                argument,
-                f"factors of this operator's layers {list(self._mapping)}",
-                f"unknown layers {sorted(set(factors) - set(self._mapping))}",
-            )
-
     # --- closed forms -----------------------------------------------------------
     def _block_factors(self) -> list[tuple[Any, Any]]:
         """``(G, A)`` of every Kronecker block (``A`` is ``None`` for a bias alone)."""
@@ -525,13 +515,13 @@ class KFACLinearOperator(CurvatureOperator):
     @_cached_property("_det")
     def det(self) -> Any:
         r"""Determinant, from :math:`\det(G \otimes A) = \det(G)^{n_A} \det(A)^{n_G}`."""
-        linalg = self.backend.xp.linalg
+        xp = self.backend.xp
         result = 1.0
         for G, A in self._block_factors():
             n_A = 1 if A is None else A.shape[0]
-            result = result * linalg.det(G) ** n_A
+            result = result * _det(xp, G) ** n_A
             if A is not None:
-                result = result * linalg.det(A) ** G.shape[0]
+                result = result * _det(xp, A) ** G.shape[0]
         return result
 
     @_cached_property("_logdet")
@@ -632,6 +622,7 @@ class KFACInverseLinearOperator(LinearOperator):
         self._retry_double_precision = bool(retry_double_precision)
         self._inverse_input_covariances: dict[str, Any] = {}
         self._inverse_gradient_covariances: dict[str, Any] = {}
+        self._eigenvalues_checked = False  # EKFAC's, for a singular damped operator
         super().__init__(A.dtype, A.shape)
 
     # --- state, with curvlinops-for-pytorch 3.0.1's keys -------------------------------
@@ -669,6 +660,7 @@ class KFACInverseLinearOperator(LinearOperator):
             setattr(self, f"_{key}", value)
         self._inverse_input_covariances = dict(state_dict["inverse_input_covariances"])
         self._inverse_gradient_covariances = dict(state_dict["inverse_gradient_covariances"])
+        self._eigenvalues_checked = False  # the loaded operator's, checked at the next product
 
     @classmethod
     def from_state_dict(
@@ -683,6 +675,11 @@ class KFACInverseLinearOperator(LinearOperator):
         A = self._A
         A._factors_ready()
         if isinstance(A, EKFACLinearOperator):
+            if not self._eigenvalues_checked:
+                _warn_if_singular(
+                    "the EKFAC operator", A._flat_eigenvalues(), self._damping, self.backend.xp
+                )
+                self._eigenvalues_checked = True
             return A._eigenbasis_product(self._damping, X)
         factors = {name: self._inverse_factors(name) for name in A._mapping}
         inv_A = {name: pair[0] for name, pair in factors.items() if pair[0] is not None}
@@ -699,12 +696,26 @@ class KFACInverseLinearOperator(LinearOperator):
             ]
         aaT = self._A._input_covariances.get(name)
         ggT = self._A._gradient_covariances[name]
+        xp = self.backend.xp
         if self._use_exact_damping:
-            xp = self.backend.xp
             inv_A = None if aaT is None else xp.linalg.eigh(aaT)
             inv_G = xp.linalg.eigh(ggT)
+            block = (
+                inv_G[0]
+                if inv_A is None
+                else xp.reshape(inv_G[0][:, None] * inv_A[0][None, :], (-1,))
+            )
+            _warn_if_singular(f"the Kronecker block of layer {name!r}", block, self._damping, xp)
         else:
             damping_A, damping_G = self._split_damping(aaT, ggT)
+            for factor, damping, what in ((aaT, damping_A, "input"), (ggT, damping_G, "gradient")):
+                if factor is not None:
+                    _warn_if_singular(
+                        f"the {what} covariance of layer {name!r}",
+                        xp.linalg.eigvalsh(factor),
+                        damping,
+                        xp,
+                    )
             inv_A = None if aaT is None else self._damped_inverse(aaT, damping_A)
             inv_G = self._damped_inverse(ggT, damping_G)
         if self._cache:
@@ -761,11 +772,13 @@ class EKFACLinearOperator(KFACLinearOperator):
     ``fisher_type="forward-only"``) and :math:`\Lambda` the second moments of
     the per-example gradients in that basis: the diagonal closest to the
     block in the Frobenius norm among those in the basis. A bias block uses
-    :math:`\sum_s g_{nsj}` alone. As in curvlinops-for-pytorch 3.0.1, the
-    model's outputs must be ``(N, C)`` (per-example gradients of coupled loss
-    terms are not formed). :meth:`compute_eigenvalue_correction` computes
-    :math:`\Lambda` (at the first product if not before) in a second pass over
-    the data.
+    :math:`\sum_s g_{nsj}` alone. With ``fisher_type="type-2"`` the model's
+    outputs must be ``(N, C)``, as in curvlinops-for-pytorch 3.0.1 (per-example
+    gradients of coupled loss terms are not formed); with ``"mc"`` and
+    ``"empirical"`` they may be sequences (``(N, S, C)``): each example's
+    gradient is then that of its summed terms, as kronfluence has it.
+    :meth:`compute_eigenvalue_correction` computes :math:`\Lambda` (at the
+    first product if not before) in a second pass over the data.
 
     Example:
         >>> import numpy as np, torch
@@ -779,6 +792,7 @@ class EKFACLinearOperator(KFACLinearOperator):
         True
     """
 
+    _ekfac = True
     _SUPPORTED_FISHER_TYPE = (FisherType.TYPE2, FisherType.MC, FisherType.EMPIRICAL)
 
     def __init__(
@@ -815,8 +829,6 @@ class EKFACLinearOperator(KFACLinearOperator):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a :meth:`state_dict` (the model's parameters are overwritten)."""
         super().load_state_dict(state_dict)
-        for key in ("input_covariances_eigenvectors", "gradient_covariances_eigenvectors"):
-            self._check_layer_keys(state_dict[key], f"state_dict[{key!r}]")
         self._input_covariances_eigenvectors = dict(state_dict["input_covariances_eigenvectors"])
         self._gradient_covariances_eigenvectors = dict(
             state_dict["gradient_covariances_eigenvectors"]
@@ -898,6 +910,10 @@ class EKFACLinearOperator(KFACLinearOperator):
             values.extend(entry.values() if isinstance(entry, dict) else [entry])
         return values
 
+    def _flat_eigenvalues(self) -> Any:
+        xp = self.backend.xp
+        return xp.concat([xp.reshape(values, (-1,)) for values in self._all_eigenvalues()])
+
     @_cached_property("_trace")
     def trace(self) -> Any:
         """Trace: the sum of the corrected eigenvalues."""
@@ -908,13 +924,13 @@ class EKFACLinearOperator(KFACLinearOperator):
     def det(self) -> Any:
         """Determinant: the product of the corrected eigenvalues."""
         xp = self.backend.xp
-        return math.prod(xp.prod(values) for values in self._all_eigenvalues())
+        values = self._flat_eigenvalues()
+        return xp.where(_singular(xp, values), 0.0, xp.prod(values))
 
     @_cached_property("_logdet")
     def logdet(self) -> Any:
         """Log-determinant: the sum of the corrected eigenvalues' logarithms."""
-        xp = self.backend.xp
-        return sum(xp.sum(xp.log(values)) for values in self._all_eigenvalues())
+        return _logdet_of_eigenvalues(self.backend.xp, self._flat_eigenvalues())
 
     @_cached_property("_frobenius_norm")
     def frobenius_norm(self) -> Any:
@@ -1002,8 +1018,54 @@ def _add_to(totals: dict, name: str, value: Any) -> None:
     totals[name] = value if name not in totals else totals[name] + value
 
 
+def _singular(xp: Any, eigenvalues: Any) -> Any:
+    """Whether PSD eigenvalues are those of a matrix singular to working precision.
+
+    numpy's ``matrix_rank`` rule: the smallest is at most ``n·eps`` times the
+    largest (e.g. cross-entropy's rank C-1 output factor, whose null
+    direction comes out at 1e-8 of the largest rather than 0).
+    """
+    size = math.prod(eigenvalues.shape)
+    tolerance = size * xp.finfo(eigenvalues.dtype).eps * xp.max(xp.abs(eigenvalues))
+    return xp.min(eigenvalues) <= tolerance
+
+
 def _logdet(xp: Any, M: Any) -> Any:
-    sign, logabsdet = xp.linalg.slogdet(M)
-    # A factor is PSD: a sign of 0 or -1 (rounding, e.g. cross-entropy's rank C-1
-    # output factor in float32) means it is singular to working precision.
-    return xp.where(sign > 0, logabsdet, -math.inf)
+    """``log det M`` of a PSD factor: ``-inf`` when it is singular to working precision."""
+    return _logdet_of_eigenvalues(xp, xp.linalg.eigvalsh(M))
+
+
+def _logdet_of_eigenvalues(xp: Any, eigenvalues: Any) -> Any:
+    logs = xp.sum(xp.log(xp.abs(eigenvalues)))
+    return xp.where(_singular(xp, eigenvalues), -math.inf, logs)
+
+
+def _det(xp: Any, M: Any) -> Any:
+    """``det M`` of a PSD factor: 0 when it is singular to working precision."""
+    eigenvalues = xp.linalg.eigvalsh(M)
+    return xp.where(_singular(xp, eigenvalues), 0.0, xp.prod(eigenvalues))
+
+
+def _warn_if_singular(what: str, eigenvalues: Any, damping: float, xp: Any) -> None:
+    """Warn when ``eigenvalues + damping`` are those of a singular matrix.
+
+    Its inverse is then dominated by rounding: entries of 1e9 and more from an
+    undamped cross-entropy factor, silently.
+    """
+    damped = eigenvalues + damping
+    if not bool(_singular(xp, damped)):
+        return
+    largest = float(xp.max(xp.abs(damped)))
+    smallest = float(xp.min(damped))
+    if smallest < -math.sqrt(xp.finfo(damped.dtype).eps) * largest:
+        return  # clearly indefinite (a negative damping): Cholesky says so
+
+    condition = math.inf if smallest <= 0.0 else largest / smallest
+    warnings.warn(
+        f"KFACInverseLinearOperator: {what} plus damping {damping:g} is singular to "
+        f"working precision ({eigenvalues.dtype}; condition number {condition:.3g}, "
+        f"largest eigenvalue {largest:.3g}); its inverse is dominated by rounding. "
+        f"Increase the damping, e.g. to 1e-3 of the largest eigenvalue ({1e-3 * largest:.3g}).",
+        RuntimeWarning,
+        stacklevel=5,
+    )

@@ -352,11 +352,35 @@ class CallableLoss:
 
     fn: Callable[[Any, Any], Any]
     reduction: str = "mean"
+    variant: str = ""
+    """What a framework loss module adds to its closed-form counterpart (e.g.
+    ``"class weights (weight=...)"``), for the messages of what cannot use it."""
+    weighted_mean: bool = False
+    """Whether ``"mean"`` divides by a sum of weights rather than the number of
+    terms (PyTorch's cross-entropy with class weights): terms are then coupled
+    within a batch, and per-example gradients and batch sizes do not combine."""
 
     def __post_init__(self) -> None:
         if not callable(self.fn):
             raise type_error("loss_func", "a callable (outputs, targets) -> scalar", self.fn)
         check_reduction(self.reduction, "loss_func.reduction")
+
+    def describe(self) -> str:
+        """The loss as messages name it: its type, and what it adds to a standard loss."""
+        cls = type(self.fn)
+        name = getattr(self.fn, "__qualname__", None) or f"{cls.__module__}.{cls.__qualname__}"
+        return f"{name} with {self.variant}" if self.variant else name
+
+    def coupled_error(self, needed: str) -> ValueError:
+        """The error for a weighted mean where ``needed`` takes terms one by one."""
+        return value_error(
+            "loss_func",
+            f"a loss whose 'mean' divides by the number of terms, for {needed}",
+            f"{self.describe()} and reduction='mean', which divides by the batch's sum "
+            "of the selected class weights",
+            "Use reduction='sum' (class weights are honoured there) and scale the operator "
+            "by 1 / (the sum of the selected weights over your data).",
+        )
 
     def check_targets(self, b: Any, outputs: Any, targets: Any, argument: str) -> None:
         _check_finite(b, targets, argument)
@@ -382,6 +406,9 @@ class CallableLoss:
         return None
 
     def output_gradient(self, b: Any, outputs: Any, targets: Any) -> Any:
+        if self.weighted_mean and self.reduction == "mean":
+            raise self.coupled_error("per-example gradients (empirical Fisher, KFAC)")
+
         def example_gradient(z_n: Any, y_n: Any) -> Any:
             value, pullback = b.vjp(lambda z: self.fn(z[None], y_n[None]), z_n)
             return pullback(b.xp.ones_like(value))
@@ -389,15 +416,29 @@ class CallableLoss:
         return b.vmap(example_gradient)(outputs, targets)
 
     def sample_noise(self, b: Any, shape: tuple[int, ...], num_samples: int, seed: int) -> Any:
-        raise _no_distribution(self.fn)
+        raise _no_distribution(self)
 
     def sampled_gradient(self, b: Any, outputs: Any, noise: Any) -> Any:
-        raise _no_distribution(self.fn)
+        raise _no_distribution(self)
 
     def hessian_sqrt_columns(self, b: Any, outputs: Any, targets: Any) -> Any:
-        raise type_error(
+        raise self.closed_form_error("a closed-form output Hessian")
+
+    def closed_form_error(self, needed: str) -> Exception:
+        """The error for a use that needs a standard loss's closed form."""
+        expected = f"MSELoss, CrossEntropyLoss or BCEWithLogitsLoss ({needed})"
+        if self.variant:  # a standard loss module with weights or smoothing
+            return value_error(
+                "loss_func",
+                f"{expected} without weights or label smoothing",
+                self.describe(),
+                f"Closed forms and sampling cover the unweighted losses only: {self.variant} "
+                "is what is not supported here. Use the empirical Fisher or "
+                "GGNLinearOperator/HessianLinearOperator (autodiff of the weighted loss).",
+            )
+        return type_error(
             "loss_func",
-            "MSELoss, CrossEntropyLoss or BCEWithLogitsLoss (a closed-form output Hessian)",
+            expected,
             self.fn,
             "Pass mc_samples=k for a Monte-Carlo estimate with one of these losses, or use "
             "GGNLinearOperator(...).todense() for small models.",
@@ -410,12 +451,14 @@ def _unit_columns(b: Any, outputs: Any) -> Any:
     return b.xp.reshape(b.eye(m), (m, 1, *outputs.shape[1:]))
 
 
-def _no_distribution(fn: Any) -> TypeError:
+def _no_distribution(loss: CallableLoss) -> Exception:
+    if loss.variant:
+        return loss.closed_form_error("a predictive distribution to sample targets from")
     return type_error(
         "loss_func",
         "MSELoss, CrossEntropyLoss or BCEWithLogitsLoss (a loss with a predictive "
         "distribution to sample targets from)",
-        fn,
+        loss.fn,
         "A custom callable defines no distribution; use a standard loss, or the exact "
         "GGNLinearOperator.",
     )

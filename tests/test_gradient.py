@@ -93,5 +93,5 @@ def test_bad_input(backend_name: str) -> None:
         gradient_and_loss(*args, iter(problem.data))
     with pytest.raises(ValueError, match="num_data: expected the number of data points in data"):
         gradient_and_loss(*args, problem.data, num_data=3)
-    with pytest.raises(ValueError, match="backend: expected 'torch', 'jax' or None"):
+    with pytest.raises(ValueError, match=r"backend: expected 'torch', 'jax'(, '\w+')* or None"):
         gradient_and_loss(*args, problem.data, backend="numpy")

@@ -710,7 +710,7 @@ def test_state_dict_of_another_loss_is_refused():
     X, y = inputs(7, 3), labels(7, 3)
     K = kfac(model, nn.CrossEntropyLoss(), batches(X, y))
     other = kfac(model, nn.CrossEntropyLoss(reduction="sum"), batches(X, y))
-    with pytest.warns(UserWarning), pytest.raises(ValueError, match="state_dict: expected"):
+    with pytest.raises(ValueError, match="state_dict: expected"):  # before any write
         other.load_state_dict(K.state_dict())
 
 
@@ -1206,5 +1206,5 @@ def test_jax_state_dict_round_trip(operator):
     for loaded, original in zip(jax.tree_util.tree_leaves(other.backend.primals), params):
         assert_close(loaded, original)
     state["model_func_state_dict"] = [jnp.ones(3)]
-    with pytest.warns(UserWarning), pytest.raises(ValueError, match="a parameter pytree"):
+    with pytest.raises(ValueError, match="a parameter pytree"):  # before any write
         other.load_state_dict(state)

@@ -170,8 +170,15 @@ def placement_error(argument: str, got: str, params_device: str) -> ValueError:
 
 
 def to_device_of(y: Any, like: Any) -> Any:
-    """``y`` on the device of ``like`` (the same library); ``y`` itself if it is there."""
-    target = array_api_compat.device(like)
+    """``y`` on the device of ``like`` (the same library); ``y`` itself if it is there.
+
+    Arrays of a library without devices (MLX: one memory, computation on a
+    default device) are where they belong already.
+    """
+    try:
+        target = array_api_compat.device(like)
+    except AttributeError:
+        return y
     if array_api_compat.device(y) == target:
         return y
     return array_api_compat.to_device(y, target)

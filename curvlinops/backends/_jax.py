@@ -33,7 +33,7 @@ from curvlinops.backends._arrays import (
 )
 from curvlinops.backends._distributed import LOCAL, SingleProcess
 from curvlinops.backends._distributed_jax import BatchSharding, gather_global
-from curvlinops.backends._protocol import single_cotangent
+from curvlinops.backends._protocol import BackendDefaults, single_cotangent
 
 __all__ = ["JaxBackend", "JaxLinearization", "x64_enabled"]
 
@@ -44,7 +44,7 @@ def x64_enabled() -> bool:
     return bool(jax.config.read("jax_enable_x64"))
 
 
-class JaxBackend:
+class JaxBackend(BackendDefaults):
     """Backend for JAX functions, parameter pytrees and arrays."""
 
     name = "jax"

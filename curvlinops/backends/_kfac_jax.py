@@ -106,8 +106,8 @@ class JaxKFACCapture:
         """The parameter pytree (what ``KFACLinearOperator.state_dict`` saves for JAX)."""
         return backend.primals
 
-    def load_model_state(self, state: Any, backend: Any) -> None:
-        """Make ``state`` (a pytree like the parameters) the operator's parameters."""
+    def check_model_state(self, state: Any, backend: Any) -> None:
+        """Raise unless ``state`` is a parameter pytree of this operator's structure."""
         leaves, tree = jax.tree_util.tree_flatten(state)
         shapes = tuple((tuple(jnp.shape(p)), str(jnp.asarray(p).dtype)) for p in leaves)
         if tree != self._param_tree or shapes != self._param_shapes:
@@ -116,7 +116,13 @@ class JaxKFACCapture:
                 f"a parameter pytree of this operator's structure {self._param_tree} and "
                 f"(shape, dtype) {self._param_shapes}",
                 f"{tree} with {shapes}",
+                "Load a state saved from an operator of the same model and dtype.",
             )
+
+    def load_model_state(self, state: Any, backend: Any) -> None:
+        """Make ``state`` (a pytree like the parameters) the operator's parameters."""
+        self.check_model_state(state, backend)
+        leaves, tree = jax.tree_util.tree_flatten(state)
         arrays = jax.tree_util.tree_unflatten(tree, [jnp.asarray(p) for p in leaves])
         backend.primals = jax.device_put(arrays, backend.device)  # committed, as the backend's
 

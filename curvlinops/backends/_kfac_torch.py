@@ -4,8 +4,12 @@ Everything else about KFAC (covariances, normalisation, products, inverses)
 is in :mod:`curvlinops.kfac`, written against the backend's array namespace.
 This module hands it, per layer, the inputs as ``(N, S, d_in)`` and the
 gradients of the layer outputs as ``(k, N, S, d_out)``, with ``S`` the
-weight-sharing positions (1 for a ``Linear`` on ``(N, d_in)``, the output
-pixels for a convolution, whose inputs are unfolded into patches here).
+weight-sharing positions (1 for a ``Linear`` on ``(N, d_in)``, the tokens of
+a ``Linear`` on ``(N, ..., d_in)``, the output pixels for a convolution, whose
+inputs are unfolded into patches here). Hugging Face's ``Conv1D`` (GPT-2's
+linear layer, ``x @ W + b`` with ``W`` of shape ``(d_in, d_out)``) is a
+linear layer whose weight is stored transposed (``weight_layouts``); it is
+recognised by its class name and attributes, so transformers is not imported.
 
 Output gradients come from forward hooks that add a zero tensor to each
 layer's output: its gradient is the output gradient, and, unlike a hook on
@@ -29,6 +33,30 @@ __all__ = ["TorchKFACCapture"]
 SUPPORTED_LAYERS = (nn.Linear, nn.Conv2d)
 
 
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is Hugging Face's ``Conv1D``: ``x @ W + b``, ``W`` ``(nx, nf)``."""
+    weight = getattr(module, "weight", None)
+    return (
+        type(module).__name__ == "Conv1D"
+        and isinstance(weight, torch.Tensor)
+        and weight.ndim == 2
+        and getattr(module, "nf", None) == weight.shape[1]
+    )
+
+
+def _is_supported(module: nn.Module) -> bool:
+    return isinstance(module, SUPPORTED_LAYERS) or is_hf_conv1d(module)
+
+
+class ModelStateError(ValueError, RuntimeError):
+    """A model state that does not fit the model.
+
+    A ``ValueError`` (a wrong value), and a ``RuntimeError`` as the one of
+    ``nn.Module.load_state_dict`` that code written for curvlinops-for-pytorch
+    catches.
+    """
+
+
 class TorchKFACCapture:
     """Layers of an ``nn.Module`` whose parameters KFAC approximates, and their capture.
 
@@ -36,6 +64,8 @@ class TorchKFACCapture:
         mapping: Layer name -> ``{"weight": position, "bias": position}`` (the
             positions of the parameters in the operator's flat order), in the
             order of ``model.named_modules()``, as curvlinops-for-pytorch has it.
+        weight_layouts: Layer name -> the permutation of its weight's axes
+            into ``(out, in, ...)`` order (``(1, 0)`` for a ``Conv1D``).
     """
 
     def __init__(self, model_func: Any, param_names: list[str]) -> None:
@@ -48,6 +78,10 @@ class TorchKFACCapture:
             )
         self._model = model_func
         self.mapping, self._layers = _find_layers(model_func, param_names)
+        self.weight_layouts = {
+            name: (1, 0) if is_hf_conv1d(module) else _identity_layout(module)
+            for name, module in self._layers.items()
+        }
 
     def prepare(self, X: Any) -> None:
         """Nothing to prepare: hooks capture eagerly."""
@@ -56,8 +90,47 @@ class TorchKFACCapture:
         """The model's ``state_dict()`` (what ``KFACLinearOperator.state_dict`` saves)."""
         return self._model.state_dict()
 
+    def check_model_state(self, state: Any, backend: Any) -> None:
+        """Raise unless ``state`` fits the model: the same entries, shapes and dtypes.
+
+        Checked before anything is loaded: ``load_state_dict`` writes entries one by
+        one and would leave the model half-overwritten when a later one does not fit.
+        """
+        argument = "state_dict['model_func_state_dict']"
+        fix = (
+            "Load a state saved from an operator of the same model architecture and dtype "
+            "(refused before loading state_dict into the model: nothing was written)."
+        )
+        if not isinstance(state, dict):
+            raise type_error(argument, "the model's state_dict() (a dict of tensors)", state)
+        own = self._model.state_dict()
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise ModelStateError(
+                value_error(
+                    argument,
+                    "the entries of this operator's model",
+                    f"missing {missing}, unexpected {unexpected}",
+                    fix,
+                )
+            )
+        for key, tensor in own.items():
+            saved = state[key]
+            if not isinstance(saved, torch.Tensor):
+                raise type_error(f"{argument}[{key!r}]", "a tensor", saved)
+            if saved.shape != tensor.shape or saved.dtype != tensor.dtype:
+                raise ModelStateError(
+                    value_error(
+                        f"{argument}[{key!r}]",
+                        f"shape {tuple(tensor.shape)} and dtype {tensor.dtype} (this model's)",
+                        f"shape {tuple(saved.shape)} and dtype {saved.dtype}",
+                        fix,
+                    )
+                )
+
     def load_model_state(self, state: dict[str, Any], backend: Any) -> None:
         """Load a model state in place: the operator's parameters share the model's memory."""
+        self.check_model_state(state, backend)
         self._model.load_state_dict(state)
 
     def forward(
@@ -202,6 +275,11 @@ def _explicit_padding(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return functional.pad(x, pads)
 
 
+def _identity_layout(module: nn.Module) -> tuple[int, ...]:
+    weight = getattr(module, "weight", None)
+    return tuple(range(2 if weight is None else weight.ndim))
+
+
 def _find_layers(
     model: nn.Module, param_names: list[str]
 ) -> tuple[dict[str, dict[str, int]], dict[str, nn.Module]]:
@@ -210,7 +288,7 @@ def _find_layers(
     mapping: dict[str, dict[str, int]] = {}
     layers: dict[str, nn.Module] = {}
     for module_name, module in model.named_modules():
-        if not isinstance(module, SUPPORTED_LAYERS):
+        if not _is_supported(module):
             continue
         prefix = f"{module_name}." if module_name else ""
         found = {
@@ -227,8 +305,8 @@ def _find_layers(
     if unmatched:
         raise value_error(
             "params",
-            "parameters of torch.nn.Linear or torch.nn.Conv2d layers (KFAC has a Kronecker "
-            "factorisation only for these)",
+            "parameters of torch.nn.Linear, torch.nn.Conv2d or Hugging Face Conv1D layers "
+            "(KFAC has a Kronecker factorisation only for these)",
             f"{unmatched}, {_owners(model, unmatched)}",
             "Leave them out of params (e.g. {n: p for n, p in model.named_parameters() "
             "if ...}), or approximate them with another operator.",

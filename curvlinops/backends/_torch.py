@@ -41,12 +41,12 @@ from curvlinops.backends._linearize_torch import (
     parameters_token,
     pull_back,
 )
-from curvlinops.backends._protocol import single_cotangent
+from curvlinops.backends._protocol import BackendDefaults, single_cotangent
 
 __all__ = ["TorchBackend"]
 
 
-class TorchBackend:
+class TorchBackend(BackendDefaults):
     """Backend for PyTorch models, parameters and arrays."""
 
     name = "torch"
@@ -528,4 +528,24 @@ def _translate_torch_loss(loss_func: Any) -> Any:
     ):
         reduction = losses.check_reduction(loss_func.reduction, "loss_func.reduction")
         return losses.CrossEntropyLoss(reduction, class_axis=1)
+    variant = _loss_variant(loss_func)
+    if variant:  # autodiff of the module; what needs a closed form says why not
+        reduction = losses.check_reduction(loss_func.reduction, "loss_func.reduction")
+        weighted_mean = isinstance(loss_func, nn.CrossEntropyLoss) and (
+            loss_func.weight is not None
+        )
+        return losses.CallableLoss(loss_func, reduction, variant, weighted_mean)
     return loss_func
+
+
+def _loss_variant(loss_func: Any) -> str:
+    """What a standard loss module adds to the closed form ("" for anything else)."""
+    if isinstance(loss_func, nn.CrossEntropyLoss):
+        parts = ["class weights (weight=...)"] if loss_func.weight is not None else []
+        if loss_func.label_smoothing:
+            parts.append(f"label smoothing ({loss_func.label_smoothing})")
+        return " and ".join(parts)
+    if isinstance(loss_func, nn.BCEWithLogitsLoss):
+        names = [n for n in ("weight", "pos_weight") if getattr(loss_func, n) is not None]
+        return " and ".join(f"{n}=..." for n in names)
+    return ""

@@ -1,0 +1,109 @@
+r"""Per-token influence scores of sequence models, from KFAC's layer capture.
+
+A linear layer's weight gradient for one sequence is a sum over its tokens,
+:math:`\nabla_W \ell_n = \sum_s g_{ns} a_{ns}^\top` (bias: :math:`\sum_s
+g_{ns}`), with :math:`a_{ns}` the layer's input at token :math:`s` and
+:math:`g_{ns}` the gradient of the sequence's loss at the layer's output
+there. The score against a preconditioned query gradient :math:`S_q` splits
+the same way (kronfluence's per-token scores):
+
+.. math::
+    s_{qns} = \sum_l g_{ns}^{(l)\top} S_{q}^{(l)} a_{ns}^{(l)}
+    \big(+\, g_{ns}^{(l)\top} S_{q,b}^{(l)}\big), \qquad \sum_s s_{qns} = s_{qn}.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from curvlinops._checks import type_error
+
+
+def kfac_of(curvature: Any) -> Any:
+    """The KFAC/EK-FAC operator behind ``curvature`` (its layer capture gives the tokens)."""
+    from curvlinops.kfac import KFACInverseLinearOperator, KFACLinearOperator
+
+    K = curvature._A if isinstance(curvature, KFACInverseLinearOperator) else curvature
+    if not isinstance(K, KFACLinearOperator):
+        raise type_error(
+            "curvature",
+            "a KFACLinearOperator or EKFACLinearOperator for per-token scores (its layers "
+            "give each token's input and output gradient)",
+            curvature,
+        )
+    return K
+
+
+def query_blocks(K: Any, S: Any) -> dict[tuple[str, str], Any]:
+    """The preconditioned query gradients ``(P, T)`` per layer part, ``(d_out, d_in, T)``."""
+    pieces: dict[tuple[str, str], Any] = {}
+
+    def collect(name: str, part: str, M: Any) -> Any:
+        pieces[(name, part)] = M
+        return M
+
+    K._program.blockwise(S, collect)
+    return pieces
+
+
+def token_scores(scorer: Any, K: Any, pieces: dict, X: Any, y: Any) -> Any:
+    """``(T, n, S)``: the scores of each token of a block of ``n`` training sequences."""
+    b, loss = scorer.backend, scorer._gradients.loss
+    xp = b.xp
+    K._capture.prepare(X)
+    z, inputs, pullback = K._capture.forward(b.model_fn, b.primals, X, True)
+    n = z.shape[0]
+    # each sequence's own loss: the batch's un-normalised term gradients, scaled as for one example
+    scale = loss.normalization(z[:1])
+    gradients = pullback(scale * loss.output_gradient(b, z, y)[None])
+    total = None
+    for (name, part), M in pieces.items():
+        g = gradients[name][0]  # (n, S, d_out)
+        if part == "bias":
+            term = g @ M[:, 0, :]  # (n, S, T)
+        else:
+            a = inputs[name]
+            if part == "joint":
+                a = xp.concat([a, xp.ones_like(a[..., :1])], axis=-1)
+            d_out, d_in, T = M.shape
+            gM = xp.reshape(g @ xp.reshape(M, (d_out, d_in * T)), (n, -1, d_in, T))
+            term = xp.sum(gM * a[..., None], axis=2)  # (n, S, T)
+        total = term if total is None else total + term
+    return xp.permute_dims(total, (2, 0, 1))
+
+
+# --- query gradients in low rank ----------------------------------------------------
+def low_rank_queries(scorer: Any, S: Any, rank: int) -> Any:
+    """``S`` ``(P, T)`` with each query's weight matrices truncated to ``rank`` (kronfluence's).
+
+    A layer's block of a query (``(d_out, d_in)``, with the bias as a last
+    column where KFAC keeps weight and bias in one block) is replaced by its
+    best rank-``rank`` approximation (truncated SVD) where both sides exceed
+    ``rank``; biases and smaller blocks stay as they are. Without KFAC, each
+    parameter with two or more axes is a ``(shape[0], rest)`` matrix.
+    """
+    xp = scorer.backend.xp
+
+    def truncate(M: Any) -> Any:
+        d_out, d_in, T = M.shape
+        if min(d_out, d_in) <= rank:
+            return M
+        U, sigma, Vh = xp.linalg.svd(xp.permute_dims(M, (2, 0, 1)), full_matrices=False)
+        approximation = (U[..., :rank] * sigma[:, None, :rank]) @ Vh[:, :rank, :]
+        return xp.permute_dims(approximation, (1, 2, 0))
+
+    from curvlinops.kfac import KFACInverseLinearOperator, KFACLinearOperator
+
+    curvature = scorer._curvature
+    K = curvature._A if isinstance(curvature, KFACInverseLinearOperator) else curvature
+    if isinstance(K, KFACLinearOperator):
+        return K._program.blockwise(S, lambda name, part, M: truncate(M))
+    blocks = []
+    for position, shape in enumerate(scorer.backend.param_shapes):
+        rows = S[int(scorer._offsets[position]) : int(scorer._offsets[position + 1])]
+        if len(shape) < 2:
+            blocks.append(rows)
+            continue
+        M = truncate(xp.reshape(rows, (shape[0], -1, S.shape[1])))
+        blocks.append(xp.reshape(M, (-1, S.shape[1])))
+    return xp.concat(blocks, axis=0)

@@ -1,0 +1,119 @@
+"""Influence scores in partitions (queries by memory budget, layers), resumed from disk; saved
+factors and scores (curvlinops.influence_store)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from curvlinops import EKFACLinearOperator, KFACLinearOperator
+from curvlinops.eigen import MemoryBudgetError
+from curvlinops.influence_scores import InfluenceScorer
+from curvlinops.influence_store import load_factors, load_scores, save_factors, save_scores
+
+N_TRAIN, N_QUERY = 10, 3
+
+
+def _problem() -> tuple:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)
+    ).double()
+    generator = torch.Generator().manual_seed(1)
+    X = torch.randn(N_TRAIN + N_QUERY, 4, generator=generator, dtype=torch.float64)
+    y = torch.randint(0, 3, (N_TRAIN + N_QUERY,), generator=generator)
+    train = [(X[:4], y[:4]), (X[4:N_TRAIN], y[4:N_TRAIN])]
+    query = [(X[N_TRAIN:], y[N_TRAIN:])]
+    return model, train, query
+
+
+def _ekfac(model: torch.nn.Module, train: list, **options: object) -> EKFACLinearOperator:
+    loss = torch.nn.CrossEntropyLoss()
+    return EKFACLinearOperator(
+        model, loss, list(model.parameters()), train, fisher_type="empirical", **options
+    )
+
+
+def _scorer(model: torch.nn.Module, curvature: object, **options: object) -> InfluenceScorer:
+    loss, damping = torch.nn.CrossEntropyLoss(), options.pop("damping", "heuristic")
+    return InfluenceScorer(
+        curvature, model, loss, list(model.parameters()), damping=damping, **options
+    )
+
+
+def test_query_partitions_by_memory_budget_and_layer_partitions() -> None:
+    model, train, query = _problem()
+    scorer = _scorer(model, _ekfac(model, train), examples_per_pass=1)
+    whole = scorer.pairwise_scores(query, train, per_layer=True)
+    P, itemsize = 43, 8
+    budget = 3 * P * itemsize + 2 * P * itemsize  # room for two query gradients at a time
+    partitioned = scorer.pairwise_scores(query, train, per_layer=True, memory_budget=budget)
+    for layer in scorer.layer_names:
+        torch.testing.assert_close(partitioned[layer], whole[layer], rtol=1e-13, atol=0)
+        alone = scorer.pairwise_scores(query, train, layers=[layer])  # EK-FAC: block-diagonal
+        torch.testing.assert_close(alone, whole[layer], rtol=1e-13, atol=1e-15)
+        self_alone = scorer.self_scores(train, layers=[layer])
+        torch.testing.assert_close(
+            self_alone, scorer.self_scores(train, per_layer=True)[layer], rtol=1e-13, atol=0
+        )
+    with pytest.raises(MemoryBudgetError, match="pairwise_scores"):
+        scorer.pairwise_scores(query, train, memory_budget=P * itemsize)
+    with pytest.raises(ValueError, match=r"layers.*\['0', '2'\].*'1'"):
+        scorer.pairwise_scores(query, train, layers=["1"])
+
+
+def test_an_interrupted_run_resumes_from_its_blocks(tmp_path: object) -> None:
+    model, train, query = _problem()
+    scorer = _scorer(model, _ekfac(model, train), examples_per_pass=2)
+    expected = scorer.pairwise_scores(query, train)
+    first = scorer.pairwise_scores(query, train, output_dir=tmp_path, memory_budget=1e9)
+    torch.testing.assert_close(first, expected, rtol=1e-13, atol=0)
+    blocks = sorted(path.name for path in tmp_path.glob("pairwise_query*_batch*.npz"))
+    assert blocks == ["pairwise_query0_batch0.npz", "pairwise_query0_batch1.npz"]
+    (tmp_path / blocks[1]).unlink()  # as if interrupted during the second batch
+    computed = []
+    gradients = scorer.gradients
+    scorer.gradients = lambda X, y: computed.append(len(X)) or gradients(X, y)
+    resumed = scorer.pairwise_scores(query, train, output_dir=tmp_path, memory_budget=1e9)
+    torch.testing.assert_close(resumed, expected, rtol=1e-13, atol=0)
+    assert sum(computed) == N_QUERY + (N_TRAIN - 4)  # the queries and the missing batch only
+    other = _scorer(model, _ekfac(model, train), examples_per_pass=2, damping=0.5)
+    with pytest.raises(ValueError, match="output_dir.*damping_per_layer"):
+        other.pairwise_scores(query, train, output_dir=tmp_path, memory_budget=1e9)
+
+
+@pytest.mark.parametrize("cls", [KFACLinearOperator, EKFACLinearOperator])
+def test_saved_factors_load_without_recomputing(cls: type, tmp_path: object) -> None:
+    model, train, _ = _problem()
+    loss, params = torch.nn.CrossEntropyLoss(), list(model.parameters())
+    K = cls(model, loss, params, train, fisher_type="empirical")
+    save_factors(K, tmp_path / "factors.npz")
+    fresh = cls(model, loss, params, train, fisher_type="empirical", check_deterministic=False)
+
+    def refuse() -> None:
+        raise AssertionError("recomputed")
+
+    fresh.compute_kronecker_factors = fresh.compute_eigenvalue_correction = refuse
+    load_factors(fresh, tmp_path / "factors.npz")
+    eye = np.eye(K.shape[0])
+    np.testing.assert_allclose(fresh @ eye, K @ eye, rtol=1e-15, atol=0)
+    other = cls(model, loss, params, train, fisher_type="mc", check_deterministic=False)
+    with pytest.raises(ValueError, match="path.*fisher_type: 'empirical' there, 'mc' here"):
+        load_factors(other, tmp_path / "factors.npz")
+    with pytest.raises(TypeError, match="curvature.*KFACLinearOperator"):
+        save_factors(np.eye(3), tmp_path / "no.npz")
+
+
+def test_saved_scores_keep_their_settings(tmp_path: object) -> None:
+    model, train, query = _problem()
+    scorer = _scorer(model, _ekfac(model, train))
+    scores = scorer.pairwise_scores(query, train, per_layer=True)
+    save_scores(tmp_path / "scores.npz", scores, scorer.settings())
+    loaded, settings = load_scores(tmp_path / "scores.npz")
+    assert settings == scorer.settings()
+    assert list(loaded) == scorer.layer_names
+    for layer, value in loaded.items():
+        np.testing.assert_array_equal(value, scores[layer].numpy())
+    with pytest.raises(ValueError, match="path.*existing .npz file"):
+        load_scores(tmp_path / "missing.npz")
