@@ -244,22 +244,69 @@ class LinearOperator(ScipyLinearOperator):
             return _cast(to_device_of(Y, x) if b.is_concrete(Y) else Y, out_dtype)
         return export_like(Y, x, out_dtype, b.to_numpy)
 
+    # --- the spaces as lists of shapes (curvlinops-for-pytorch's tensor lists) ----
+    @property
+    def _in_shape(self) -> list[tuple[int, ...]]:
+        """Shapes of the input space's arrays: the parameters', else one vector.
+
+        A list of arrays of these shapes (each with an optional trailing
+        column axis) is a valid operand; the product is then a list of arrays
+        of :attr:`_out_shape`, as in curvlinops-for-pytorch.
+        """
+        shapes = self.__dict__.get("_in_shapes")
+        return list(shapes) if shapes is not None else self._space(self._params_in, 1)
+
+    @_in_shape.setter
+    def _in_shape(self, shapes: Any) -> None:
+        self.__dict__["_in_shapes"] = [tuple(int(d) for d in s) for s in shapes]
+
+    @property
+    def _out_shape(self) -> list[tuple[int, ...]]:
+        """Shapes of the output space's arrays (see :attr:`_in_shape`)."""
+        shapes = self.__dict__.get("_out_shapes")
+        return list(shapes) if shapes is not None else self._space(self._params_out, 0)
+
+    @_out_shape.setter
+    def _out_shape(self, shapes: Any) -> None:
+        self.__dict__["_out_shapes"] = [tuple(int(d) for d in s) for s in shapes]
+
+    @property
+    def _in_shape_flat(self) -> list[int]:
+        return [int(np.prod(s, dtype=int)) for s in self._in_shape]
+
+    @property
+    def _out_shape_flat(self) -> list[int]:
+        return [int(np.prod(s, dtype=int)) for s in self._out_shape]
+
+    def _space(self, params: bool, axis: int) -> list[tuple[int, ...]]:
+        if params and self.backend is not None:
+            return [tuple(s) for s in self.backend.param_shapes]
+        return [(int(self.shape[axis]),)]
+
     def _apply_structure(
         self, x: Any, adjoint: bool, argument: str, ndims: tuple[int, ...], columns: int
     ) -> Any:
-        """Products with a list/pytree of parameter-shaped arrays."""
+        """Products with a list of arrays of :attr:`_in_shape` (or a parameter pytree)."""
         params_in = self._params_out if adjoint else self._params_in
         params_out = self._params_in if adjoint else self._params_out
+        in_shapes = self._out_shape if adjoint else self._in_shape
+        out_shapes = self._in_shape if adjoint else self._out_shape
         b = self.backend
-        if b is None or not params_in:
-            raise type_error(
-                argument,
-                f"an array of {self.shape[0] if adjoint else self.shape[1]} rows",
-                x,
-                "Parameter lists are taken only where the input space is the parameter space.",
-            )
-        leaves, rebuild = b.tree_flatten(x)
-        K = _structure_columns(leaves, b.param_shapes, argument)
+        if b is not None and params_in:
+            leaves, _ = b.tree_flatten(x)
+        else:
+            leaves = list(x) if isinstance(x, (list, tuple)) else []
+            if len(leaves) != len(in_shapes) or not all(map(_is_leaf_array, leaves)):
+                raise type_error(
+                    argument,
+                    f"an array of {self.shape[0] if adjoint else self.shape[1]} rows, or a "
+                    f"list of arrays of shapes {in_shapes}",
+                    x,
+                    "Parameter lists are taken only where the input space is the parameter space.",
+                )
+        if b is None:
+            return _structure_without_backend(self, leaves, in_shapes, out_shapes, adjoint)
+        K = _structure_columns(leaves, in_shapes, argument)
         if K is None and 1 not in ndims:
             raise value_error(
                 argument,
@@ -285,15 +332,17 @@ class LinearOperator(ScipyLinearOperator):
                 return _cast(block, out_dtype)
             return export_like(block, like, out_dtype, b.to_numpy)
 
-        if not params_out:
-            return hand_back(Y)
         pieces, start = [], 0
-        for shape in b.param_shapes:
+        for shape in out_shapes:
             size = int(np.prod(shape, dtype=int))
             block = Y[start : start + size]
             pieces.append(hand_back(block.reshape(shape if K is None else (*shape, K))))
             start += size
-        return rebuild(pieces)
+        if params_out and params_in:
+            return b.tree_flatten(x)[1](pieces)  # the caller's structure
+        if params_out:
+            return b.tree_flatten(b.primals)[1](pieces) if b.name != "torch" else pieces
+        return pieces
 
     def _check_finite(self, Y: Any, X: Any, argument: str) -> None:
         b = self.backend
@@ -331,6 +380,7 @@ class _RetypedOperator(LinearOperator):
         self.is_symmetric = A.is_symmetric
         self._params_in, self._params_out = A._params_in, A._params_out
         super().__init__(dtype, A.shape)
+        _same_spaces(self, A._in_shape, A._out_shape)
 
     def _native(self, X: Any, adjoint: bool) -> Any:
         return self.A._native(X, adjoint)
@@ -347,6 +397,7 @@ class _ScaledOperator(LinearOperator):
         self.is_symmetric = A.is_symmetric and np.isreal(alpha)
         self._params_in, self._params_out = A._params_in, A._params_out
         super().__init__(np.result_type(A.dtype, alpha), A.shape)
+        _same_spaces(self, A._in_shape, A._out_shape)
 
     def _native(self, X: Any, adjoint: bool) -> Any:
         alpha = np.conj(self.alpha) if adjoint else self.alpha
@@ -368,6 +419,9 @@ class _SumOperator(LinearOperator):
         self._params_in = A._params_in or B._params_in
         self._params_out = A._params_out or B._params_out
         super().__init__(np.result_type(A.dtype, B.dtype), A.shape)
+        _same_spaces(
+            self, max(A._in_shape, B._in_shape, key=len), max(A._out_shape, B._out_shape, key=len)
+        )
 
     def _native(self, X: Any, adjoint: bool) -> Any:
         return self.A._native(X, adjoint) + self.B._native(X, adjoint)
@@ -387,6 +441,7 @@ class _ProductOperator(LinearOperator):
         self.backend = _common_backend(A, B)
         self._params_in, self._params_out = B._params_in, A._params_out
         super().__init__(np.result_type(A.dtype, B.dtype), (A.shape[0], B.shape[1]))
+        _same_spaces(self, B._in_shape, A._out_shape)
 
     def _native(self, X: Any, adjoint: bool) -> Any:
         if adjoint:
@@ -405,6 +460,7 @@ class _AdjointOperator(LinearOperator):
         self.backend = A.backend
         self._params_in, self._params_out = A._params_out, A._params_in
         super().__init__(A.dtype, (A.shape[1], A.shape[0]))
+        _same_spaces(self, A._out_shape, A._in_shape)
 
     def _native(self, X: Any, adjoint: bool) -> Any:
         return self.A._native(X, not adjoint)
@@ -488,6 +544,11 @@ class IdentityLinearOperator(LinearOperator):
 
 
 # --- helpers --------------------------------------------------------------------
+def _same_spaces(op: LinearOperator, in_shapes: list, out_shapes: list) -> None:
+    """A composite's spaces: those of its operands (lists of shapes)."""
+    op._in_shape, op._out_shape = in_shapes, out_shapes
+
+
 def _wrap(op: Any) -> LinearOperator:
     if isinstance(op, LinearOperator):
         return op
@@ -559,6 +620,22 @@ def _structure_columns(leaves: list, shapes: list, argument: str) -> int | None:
     if len(columns) != 1:
         raise value_error(argument, "the same number of columns in every array", str(columns))
     return columns.pop()
+
+
+def _structure_without_backend(
+    op: LinearOperator, leaves: list, in_shapes: list, out_shapes: list, adjoint: bool
+) -> list:
+    """A list product of a framework-free operator, in the leaves' library."""
+    K = _structure_columns(leaves, in_shapes, "x")
+    xp = array_api_compat.array_namespace(leaves[0])
+    X = xp.concat([xp.reshape(leaf, (-1, 1 if K is None else K)) for leaf in leaves], axis=0)
+    Y = _cast(op._native(X, adjoint), _result_dtype(op.dtype, leaves[0]))
+    pieces, start = [], 0
+    for shape in out_shapes:
+        size = int(np.prod(shape, dtype=int))
+        pieces.append(xp.reshape(Y[start : start + size], shape if K is None else (*shape, K)))
+        start += size
+    return pieces
 
 
 def _check_shape(x: Any, argument: str, rows: int, ndims: tuple[int, ...], columns: int) -> None:

@@ -88,6 +88,11 @@ class CurvatureOperator(LinearOperator):
         if check_deterministic:
             self._check_deterministic()
 
+    @property
+    def _N_data(self) -> int:
+        """curvlinops-for-pytorch 3.0.1's name of :attr:`num_data`."""
+        return self.num_data
+
     # --- what subclasses write ----------------------------------------------
     _vector_products = False
     """Whether the per-batch products also take a ``(P,)`` vector (``map_columns`` does)."""
@@ -306,13 +311,15 @@ class CurvatureOperator(LinearOperator):
         """
         cache = self._usable_cache(V)
         kept = [i for i, n in enumerate(self._batch_sizes) if n > 0]
+        # the bar reads like curvlinops-for-pytorch 3.0.1's, one "_matmat" bar per product
+        label = f"{type(self).__name__}._matmat (on {self.backend.device})"
         if cache is not None and cache.holds_all(kept):
-            for index in kept:
+            for index in self._progress(kept, label):
                 yield index, self._apply_linearization(cache.get(index), V, index, adjoint)
             return
         product = self._compiled_rmatmat if adjoint else self._compiled_matmat
         primals = self.backend.primals
-        for index, X, y, n in self._batches(f"{type(self).__name__} product"):
+        for index, X, y, n in self._batches(label):
             if n == 0:  # an empty batch adds nothing (and its mean loss is NaN)
                 continue
             extras = self._batch_extras(index, X, n)
@@ -442,6 +449,7 @@ class CurvatureOperator(LinearOperator):
     def _survey_data(self) -> tuple[list[int], list[int]]:
         """Batch sizes and model output sizes, from one pass over the data that checks it."""
         batch_sizes, output_sizes = [], []
+        self._batch_output_shapes: list[tuple[int, ...]] = []
         b = self.backend
         for index, X, y, n in self._batches("curvlinops: reading data"):
             batch_sizes.append(n)
@@ -450,6 +458,7 @@ class CurvatureOperator(LinearOperator):
             outputs = model_outputs(b, b.primals, X, f"data batch {index}")
             if not self._needs_loss:
                 output_sizes.append(int(np.prod(outputs.shape, dtype=int)))
+                self._batch_output_shapes.append(tuple(outputs.shape))
             if n:
                 self._check_batch(index, X, y, outputs)
         if not batch_sizes and self._comm.world_size == 1:

@@ -378,5 +378,6 @@ def check_two_dimensional(z: Any) -> None:
             "outputs of shape (N, C) for EKFAC with fisher_type='type-2' (as in "
             "curvlinops-for-pytorch)",
             f"outputs of shape {tuple(z.shape)}",
-            "Use fisher_type='mc' or 'empirical' for models with sequence or image outputs.",
+            "Only 2d outputs are supported for type-2 (curvlinops-for-pytorch's words); use "
+            "fisher_type='mc' or 'empirical' for models with sequence or image outputs.",
         )

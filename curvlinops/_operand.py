@@ -47,8 +47,11 @@ class ConvergenceWarning(RuntimeWarning):
     """An iterative method stopped before it met its tolerance."""
 
 
-class ConvergenceError(RuntimeError):
-    """An iterative method stopped before it met its tolerance (``on_failure='raise'``)."""
+class ConvergenceError(RuntimeError, ValueError):
+    """An iterative method stopped before it met its tolerance (``on_failure='raise'``).
+
+    Also a ``ValueError``: curvlinops-for-pytorch 3.0.1 raised that for a diverging series.
+    """
 
 
 class Operand:
@@ -217,6 +220,9 @@ def as_operand(A: Any, argument: str = "A", *, square: bool = True) -> Operand:
 
 def _from_our_operator(A: LinearOperator) -> Operand:
     b = A.backend
+    own = getattr(A, "_library_operand", None)
+    if b is None and own is not None:  # a matrix of a library (curvlinops.examples)
+        return own
     if b is None:
         # framework-free: products on numpy arrays
         return Operand(

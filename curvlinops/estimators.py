@@ -27,6 +27,8 @@ a PyTorch and a JAX operand differ.
 
 from __future__ import annotations
 
+import operator
+import sys
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -68,9 +70,9 @@ _CHUNK_ENTRIES = 1 << 22
 def hutchinson_trace(
     A: Any,
     num_matvecs: int,
-    *,
     distribution: str = "rademacher",
-    seed: int = 0,
+    *,
+    seed: int | None = None,
     block_size: int | None = None,
     return_stderr: bool = False,
 ) -> Any:
@@ -88,7 +90,11 @@ def hutchinson_trace(
         A: A square operator (this library's, scipy's), sparse or dense matrix.
         num_matvecs: Number of probes (= products with ``A``).
         distribution: ``"rademacher"`` or ``"normal"``.
-        seed: Non-negative int that fixes the probes.
+        seed: Non-negative int that fixes the probes. ``None`` (default): fresh
+            probes from the global generator of ``A``'s library: for PyTorch
+            operands drawn vector by vector as curvlinops-for-pytorch 3.0.1 draws
+            them (the same numbers after ``torch.manual_seed``), otherwise from a
+            seed drawn from numpy's.
         block_size: Probes per ``matmat`` call (bounds memory). Default:
             :data:`DEFAULT_BLOCK_SIZE`, fewer when that many would take more than
             a quarter of the available memory (see the module docs).
@@ -117,9 +123,9 @@ def hutchinson_trace(
 def hutchpp_trace(
     A: Any,
     num_matvecs: int,
-    *,
     distribution: str = "rademacher",
-    seed: int = 0,
+    *,
+    seed: int | None = None,
     block_size: int | None = None,
     return_stderr: bool = False,
 ) -> Any:
@@ -177,9 +183,9 @@ def hutchpp_trace(
 def xtrace(
     A: Any,
     num_matvecs: int,
-    *,
     distribution: str = "rademacher",
-    seed: int = 0,
+    *,
+    seed: int | None = None,
     block_size: int | None = None,
     return_stderr: bool = False,
 ) -> Any:
@@ -247,9 +253,9 @@ def xtrace(
 def hutchinson_diagonal(
     A: Any,
     num_matvecs: int,
-    *,
     distribution: str = "rademacher",
-    seed: int = 0,
+    *,
+    seed: int | None = None,
     block_size: int | None = None,
     return_stderr: bool = False,
 ) -> Any:
@@ -291,9 +297,9 @@ def hutchinson_diagonal(
 def xdiag(
     A: Any,
     num_matvecs: int,
-    *,
     distribution: str = "rademacher",
-    seed: int = 0,
+    *,
+    seed: int | None = None,
     block_size: int | None = None,
     return_stderr: bool = False,
     symmetric: bool | None = None,
@@ -361,9 +367,9 @@ def xdiag(
 def hutchinson_squared_frobenius(
     A: Any,
     num_matvecs: int,
-    *,
     distribution: str = "rademacher",
-    seed: int = 0,
+    *,
+    seed: int | None = None,
     block_size: int | None = None,
     return_stderr: bool = False,
 ) -> Any:
@@ -439,7 +445,9 @@ class _Operand:
         is the same whatever the block size.
         """
         distribution = _check_distribution(distribution)
-        seed = _check_seed(seed)
+        if seed is None and self.operand.library == "torch":
+            return self._torch_global_probes(stop - start, distribution)
+        seed = self._resolved_seed(seed)
         width = self.chunk_columns()
         first, last = start // width, (stop - 1) // width
         chunks = []
@@ -449,6 +457,24 @@ class _Operand:
         drawn = chunks[0] if len(chunks) == 1 else self.xp.concat(chunks, axis=1)
         offset = first * width
         return drawn[:, start - offset : stop - offset]
+
+    def _torch_global_probes(self, count: int, distribution: str) -> Any:
+        """``count`` probes from PyTorch's global generator, vector by vector.
+
+        As curvlinops-for-pytorch 3.0.1 draws them: the same numbers after ``torch.manual_seed``.
+        """
+        from curvlinops.backends._cfp_torch import random_columns  # a torch operand: loaded
+
+        like = self.operand.from_host(np.zeros(1, dtype=self.operand.dtype))
+        return random_columns(self.n, count, distribution, like)
+
+    def _resolved_seed(self, seed: int | None) -> int:
+        """``seed``, or for ``None`` one fresh seed for this call (its probes' every block)."""
+        if seed is not None:
+            return _check_seed(seed)
+        if getattr(self, "_fresh_seed", None) is None:
+            self._fresh_seed = _fresh_seed(self.operand.library)
+        return self._fresh_seed
 
     def chunk_columns(self) -> int:
         """Columns drawn together: :data:`_CHUNK`, fewer for long vectors.
@@ -569,8 +595,12 @@ def _warn_if_not_finite(xp: Any, value: Any, name: str) -> None:
 
 # --- argument checks -------------------------------------------------------------------
 def _check_count(value: Any, argument: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    if isinstance(value, bool):
         raise type_error(argument, f"an int >= {minimum}", value)
+    try:  # ints, and 0-d integer arrays (3.0.1's examples pass torch.arange entries)
+        value = operator.index(value)
+    except TypeError:
+        raise type_error(argument, f"an int >= {minimum}", value) from None
     if value < minimum:
         fix = ""
         if argument == "num_matvecs":
@@ -595,6 +625,14 @@ def _check_distribution(distribution: Any) -> str:
     if distribution not in DISTRIBUTIONS:
         raise value_error("distribution", f"one of {DISTRIBUTIONS}", repr(distribution))
     return distribution
+
+
+def _fresh_seed(library: str) -> int:
+    """A seed from the global generator of ``library`` (PyTorch's, else numpy's)."""
+    torch = sys.modules.get("torch") if library == "torch" else None
+    if torch is not None:
+        return int(torch.randint(0, 2**31 - 1, ()).item())
+    return int(np.random.randint(0, 2**31 - 1))
 
 
 def _check_seed(seed: Any) -> int:

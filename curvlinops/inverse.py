@@ -56,6 +56,8 @@ class _InverseBase(LinearOperator):
         self._params_in = getattr(A, "_params_out", False)
         self._params_out = getattr(A, "_params_in", False)
         super().__init__(self._op.dtype, self._op.shape)
+        if isinstance(A, LinearOperator):  # lists of A's output shapes in, A's input shapes out
+            self._in_shape, self._out_shape = A._out_shape, A._in_shape
 
     def _damped(self, X: Any) -> Any:
         """``(A + damping I) X`` on native arrays."""
@@ -197,8 +199,11 @@ class CGInverseLinearOperator(_InverseBase):
         **unsupported: Any,
     ) -> None:
         super().__init__(A, damping)
+        gpytorch_options = _take_gpytorch_options(unsupported)
         _refuse_options(unsupported, "CGInverseLinearOperator", _CG_OPTIONS_3_0_1)
         tol = _one_of(tol, "tol", tolerance, "tolerance")
+        if tol is None and gpytorch_options:  # GPyTorch's per-column stop, default 1e-10
+            tol = gpytorch_options.get("stop_updating_after", _GPYTORCH_STOP_UPDATING_AFTER)
         maxiter = _one_of(maxiter, "maxiter", max_iter, "max_iter")
         self.tol = 1e-5 if tol is None else check_real(tol, "tol", minimum=0.0)
         self.atol = check_real(atol, "atol", minimum=0.0)
@@ -206,6 +211,9 @@ class CGInverseLinearOperator(_InverseBase):
         self.maxiter = 10 * n if maxiter is None else check_int(maxiter, "maxiter")
         self.on_failure = check_choice(on_failure, "on_failure", ("warn", "raise"))
         self._precondition = self._preconditioner(preconditioner)
+        self.eps, self.initial_guess = _gpytorch_meaning(gpytorch_options, self.tol)
+        # GPyTorch's CG runs at least min(10, max_iter) iterations before its tolerance test
+        self._min_iterations = min(10, self.maxiter) if gpytorch_options else 0
         self.info: CGInfo | None = None
 
     def _preconditioner(self, M: Any) -> Callable[[Any], Any] | None:
@@ -230,8 +238,20 @@ class CGInverseLinearOperator(_InverseBase):
         )
 
     def _solve(self, B: Any) -> Any:
-        solver = _BatchedCG(self, B)
-        X = solver.run()
+        if self.initial_guess is None:
+            solver = _BatchedCG(self, B)
+            X = solver.run()
+        else:  # solve for the correction d = x - x0: (A + λI) d = b - (A + λI) x0
+            X0 = self._op.native(self.initial_guess, "initial_guess")
+            X0 = X0[:, None] if X0.ndim == 1 else X0
+            if X0.ndim != 2 or X0.shape[0] != B.shape[0] or X0.shape[1] not in (1, B.shape[1]):
+                raise shape_error(
+                    "initial_guess", f"shape ({B.shape[0]},) or {tuple(B.shape)}", X0.shape
+                )
+            X0 = X0 + self._op.xp.zeros_like(B)  # one guess for every column
+            rhs_norms = self._op.to_host(self._op.xp.linalg.vector_norm(B, axis=0))
+            solver = _BatchedCG(self, B - self._damped(X0), rhs_norms.astype(np.float64))
+            X = X0 + solver.run()
         self.info = solver.info()
         if not self.info.converged.all():
             self._report(self.info)
@@ -273,7 +293,9 @@ class _BatchedCG:
     (each of which a compiling backend such as JAX compiles once) by ``log2 K``.
     """
 
-    def __init__(self, owner: CGInverseLinearOperator, B: Any) -> None:
+    def __init__(
+        self, owner: CGInverseLinearOperator, B: Any, rhs_norms: np.ndarray | None = None
+    ) -> None:
         self.owner, self.op, self.xp = owner, owner._op, owner._op.xp
         xp, K = self.xp, B.shape[1]
         self.iterations = np.zeros(K, dtype=int)
@@ -282,8 +304,9 @@ class _BatchedCG:
         self.nonfinite = np.zeros(K, dtype=bool)
         self.products = 0
         self.finished: list[tuple[np.ndarray, Any]] = []
-        self.rhs_norms = self.op.to_host(xp.linalg.vector_norm(B, axis=0)).astype(np.float64)
-        self.residuals = self.rhs_norms.copy()
+        self.residuals = self.op.to_host(xp.linalg.vector_norm(B, axis=0)).astype(np.float64)
+        # the tolerance is relative to b (not to the residual of an initial guess)
+        self.rhs_norms = self.residuals.copy() if rhs_norms is None else rhs_norms
         self.thresholds = np.maximum(owner.tol * self.rhs_norms, owner.atol)
         self._update = self.op.compile(_cg_update(xp))
         self._direction = self.op.compile(_cg_direction(xp))
@@ -292,7 +315,7 @@ class _BatchedCG:
         self.X, self.R = xp.zeros_like(B), B
         self.P = self._precondition(self.R)
         self.rz = xp.sum(self.R * self.P, axis=0)
-        done = self.rhs_norms <= self.thresholds
+        done = self.residuals <= self.thresholds
         self._retire(done, np.zeros(K, dtype=bool), np.zeros(K, dtype=bool))
 
     def _precondition(self, R: Any) -> Any:
@@ -350,7 +373,10 @@ class _BatchedCG:
         self.residuals[columns] = host[0][live]
         nonfinite = live & ~np.isfinite(host[0])
         done = live & (host[0] <= self.thresholds[self.active])
-        indefinite = live & ~done & ~nonfinite & ~(host[1] > 0)
+        if self.owner._min_iterations:  # GPyTorch's: at least that many, unless all but exact
+            exact = host[0] <= _GPYTORCH_STOP_UPDATING_AFTER * self.rhs_norms[self.active]
+            done &= (self.iterations[self.active] >= self.owner._min_iterations) | exact
+        indefinite = live & ~done & ~nonfinite & ~(host[1] > self.owner.eps)
         self._retire(done, indefinite, nonfinite)
         if self.live.any():
             mask = self.op.from_host(self.live)
@@ -499,7 +525,7 @@ class NeumannInverseLinearOperator(_InverseBase):
     ) -> None:
         super().__init__(A, damping)
         self.num_terms = check_int(num_terms, "num_terms")
-        self.scale = check_real(scale, "scale", minimum=0.0, strict=True)
+        self.scale = check_real(_scalar(scale), "scale", minimum=0.0, strict=True)
         self.on_failure = check_choice(on_failure, "on_failure", ("warn", "raise"))
         if not isinstance(check_nan, bool):
             raise type_error("check_nan", "True or False", check_nan)
@@ -841,16 +867,80 @@ def _safe_divide(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 # --- keywords of curvlinops-for-pytorch 3.0.1 ---------------------------------------------
 _CG_OPTIONS_3_0_1 = {
-    "eps": "our CG guards its divisions itself; drop it",
-    "stop_updating_after": "each column stops at tol (tolerance) here; pass that instead",
-    "initial_guess": "CG starts from zero; solve for the correction b - A x0 instead",
-    "n_tridiag": "no tridiagonal matrices are returned; use curvlinops.lanczos",
-    "max_tridiag_iter": "no tridiagonal matrices are returned; use curvlinops.lanczos",
+    "eps": (
+        "eps (GPyTorch's guard of CG's divisions) is taken as the breakdown threshold: a "
+        "column stops (as indefinite, see .info) when p^T (A + damping I) p <= eps"
+    ),
+    "stop_updating_after": (
+        "stop_updating_after (GPyTorch: a column stops updating below this relative residual) "
+        "is taken as tol when tol/tolerance is not given; each column meets tol here"
+    ),
+    "initial_guess": (
+        "initial_guess starts CG from it (one guess for all products); the tolerance stays "
+        "relative to b"
+    ),
+    "n_tridiag": (
+        "n_tridiag: no tridiagonal matrices are returned (0 is the only value taken); use "
+        "curvlinops.lanczos for them"
+    ),
+    "max_tridiag_iter": "max_tridiag_iter has no effect (no tridiagonal matrices are returned)",
 }
+_WARNED_3_0_1: set[str] = set()
+_GPYTORCH_STOP_UPDATING_AFTER = 1e-10
+_GPYTORCH_STOPPING = (
+    "with any of GPyTorch's keywords, CG runs at least min(10, max_iter) iterations (unless "
+    "a residual is below 1e-10 of b) and, without tol/tolerance, each column iterates until "
+    "its relative residual is below stop_updating_after (GPyTorch's default 1e-10) or "
+    "max_iter iterations have run, as in GPyTorch"
+)
 _LSMR_OPTIONS_SCIPY = {
     "x0": "LSMR starts from zero; solve for the correction b - A x0 instead",
     "show": "the iterations are reported in .info after each product",
 }
+
+
+def _take_gpytorch_options(options: dict) -> dict:
+    """Remove curvlinops-for-pytorch 3.0.1's (GPyTorch's) CG keywords from ``options``.
+
+    Each warns once per process, saying what it means here.
+    """
+    taken = {name: options.pop(name) for name in list(options) if name in _CG_OPTIONS_3_0_1}
+    if taken and "stopping" not in _WARNED_3_0_1:
+        _WARNED_3_0_1.add("stopping")
+        warnings.warn(f"CGInverseLinearOperator: {_GPYTORCH_STOPPING}.", UserWarning, stacklevel=4)
+    for name in sorted(taken):
+        if name not in _WARNED_3_0_1:
+            _WARNED_3_0_1.add(name)
+            warnings.warn(
+                f"CGInverseLinearOperator({name}=...): curvlinops-for-pytorch 3.0.1's (GPyTorch's) "
+                f"keyword. Here: {_CG_OPTIONS_3_0_1[name]}.",
+                UserWarning,
+                stacklevel=4,
+            )
+    return taken
+
+
+def _gpytorch_meaning(options: dict, tol: float) -> tuple[float, Any]:
+    """``(eps, initial_guess)`` from 3.0.1's keywords (``stop_updating_after`` is read before)."""
+    if options.get("n_tridiag", 0) not in (0, None):
+        raise value_error(
+            "n_tridiag",
+            "0 (no tridiagonal matrices are returned here)",
+            repr(options["n_tridiag"]),
+            "Use curvlinops.lanczos for a tridiagonalisation.",
+        )
+    eps = check_real(options.get("eps", 0.0), "eps", minimum=0.0)
+    guess = options.get("initial_guess")
+    if guess is not None and not is_array(guess):
+        raise type_error("initial_guess", "an array of shape (n,) or (n, K)", guess)
+    return eps, guess
+
+
+def _scalar(value: Any) -> Any:
+    """A 0-d real array (3.0.1's tests pass a tensor ``scale``) as a float; else as given."""
+    if is_array(value) and getattr(value, "ndim", None) == 0 and not isinstance(value, bool):
+        return float(value)
+    return value
 
 
 def _refuse_options(options: dict, owner: str, known: dict) -> None:
@@ -872,3 +962,12 @@ def _one_of(ours: Any, our_name: str, theirs: Any, their_name: str) -> Any:
             f"Pass only {our_name}.",
         )
     return theirs if ours is None else ours
+
+
+def __getattr__(name: str) -> Any:
+    # curvlinops-for-pytorch 3.0.1's path of the KFAC inverse (it lives in curvlinops.kfac)
+    if name == "KFACInverseLinearOperator":
+        from curvlinops.kfac import KFACInverseLinearOperator
+
+        return KFACInverseLinearOperator
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

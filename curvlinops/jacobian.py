@@ -51,6 +51,7 @@ class JacobianLinearOperator(CurvatureOperator):
 
     def __init__(self, model_func: Any, params: Any, data: Any, **options: Any):
         super().__init__(model_func, None, params, data, **options)
+        self._out_shape = _stacked_output_shape(self._batch_output_shapes, self.shape[0])
 
     def _shape(self) -> tuple[int, int]:
         return (sum(self._output_sizes), self.num_params)
@@ -137,6 +138,7 @@ class TransposedJacobianLinearOperator(LinearOperator):
         self.jacobian = JacobianLinearOperator(model_func, params, data, **options)
         self.backend = self.jacobian.backend
         super().__init__(self.jacobian.dtype, self.jacobian.shape[::-1])
+        self._in_shape = self.jacobian._out_shape
 
     def _native(self, X: Any, adjoint: bool) -> Any:
         return self.jacobian._native(X, not adjoint)
@@ -154,3 +156,14 @@ class TransposedJacobianLinearOperator(LinearOperator):
     def clear_cache(self) -> None:
         """Forget the kept linearizations."""
         self.jacobian.clear_cache()
+
+
+def _stacked_output_shape(shapes: list[tuple[int, ...]], rows: int) -> list[tuple[int, ...]]:
+    """The output space as curvlinops-for-pytorch lists it: ``[(N, *output shape)]``.
+
+    One flat ``(rows,)`` when the batches' outputs differ beyond the batch axis.
+    """
+    per_example = {s[1:] for s in shapes if len(s) > 0}
+    if len(per_example) != 1 or any(len(s) == 0 for s in shapes):
+        return [(rows,)]
+    return [(sum(s[0] for s in shapes), *per_example.pop())]

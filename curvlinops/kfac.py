@@ -22,6 +22,7 @@ and downstream code (laplace-torch) reads them.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 import warnings
@@ -58,6 +59,27 @@ def check_enum(value: Any, enum: type[Enum], argument: str) -> Any:
         return enum(value)
     except ValueError:
         raise value_error(argument, f"a {enum.__name__} or one of {choices}", repr(value)) from None
+
+
+def _cached_property(name: str) -> Callable[[Callable], property]:
+    """A property computed once and kept as ``name`` (until the factors change)."""
+
+    def decorate(compute: Callable) -> property:
+        @functools.wraps(compute)
+        def cached(self: Any) -> Any:
+            if self.__dict__.get(name) is None:
+                self.__dict__[name] = compute(self)
+            return self.__dict__[name]
+
+        return property(cached)
+
+    return decorate
+
+
+def _forget_closed_forms(op: Any) -> None:
+    """New factors (or eigenvalues): the cached closed forms are stale."""
+    for name in ("_trace", "_det", "_logdet", "_frobenius_norm"):
+        op.__dict__.pop(name, None)
 
 
 class KFACLinearOperator(CurvatureOperator):
@@ -140,6 +162,9 @@ class KFACLinearOperator(CurvatureOperator):
     is_symmetric = True
     _ekfac = False  # which state dicts load_state_dict takes
     _params_in = _params_out = True
+    # curvlinops-for-pytorch 3.0.1's class attributes (its tests parametrize over them)
+    _SUPPORTED_FISHER_TYPE = FisherType
+    _SUPPORTED_KFAC_APPROX = KFACType
 
     def __init__(
         self,
@@ -282,6 +307,7 @@ class KFACLinearOperator(CurvatureOperator):
             gradients = {name: self.backend.eye(self._output_size(name)) for name in self._mapping}
         self._check_all_layers_called(inputs, gradients)
         self._input_covariances, self._gradient_covariances = inputs, gradients
+        _forget_closed_forms(self)
 
     def _sum_over_processes(self, inputs: dict, gradients: dict) -> tuple[dict, dict]:
         """The factors of all processes' data (``process_group``), on every process.
@@ -416,6 +442,7 @@ class KFACLinearOperator(CurvatureOperator):
         self._input_covariances = dict(state_dict["input_covariances"])
         self._gradient_covariances = dict(state_dict["gradient_covariances"])
         self._set_program()
+        _forget_closed_forms(self)
 
     @classmethod
     def from_state_dict(
@@ -473,7 +500,10 @@ class KFACLinearOperator(CurvatureOperator):
                 blocks.append((G, self._input_covariances[name] if part == "weight" else None))
         return blocks
 
-    @property
+    # cached as in curvlinops-for-pytorch (read as _trace, ...; None until computed)
+    _trace = _det = _logdet = _frobenius_norm = None
+
+    @_cached_property("_trace")
     def trace(self) -> Any:
         r"""Trace, from :math:`\mathrm{tr}(G \otimes A) = \mathrm{tr}(G)\,\mathrm{tr}(A)`."""
         linalg = self.backend.xp.linalg
@@ -482,7 +512,7 @@ class KFACLinearOperator(CurvatureOperator):
             for G, A in self._block_factors()
         )
 
-    @property
+    @_cached_property("_det")
     def det(self) -> Any:
         r"""Determinant, from :math:`\det(G \otimes A) = \det(G)^{n_A} \det(A)^{n_G}`."""
         xp = self.backend.xp
@@ -494,7 +524,7 @@ class KFACLinearOperator(CurvatureOperator):
                 result = result * _det(xp, A) ** G.shape[0]
         return result
 
-    @property
+    @_cached_property("_logdet")
     def logdet(self) -> Any:
         r"""Log-determinant, :math:`\sum n_A \log\det G + n_G \log\det A` (stabler than ``det``)."""
         result = 0.0
@@ -505,7 +535,7 @@ class KFACLinearOperator(CurvatureOperator):
                 result = result + G.shape[0] * _logdet(self.backend.xp, A)
         return result
 
-    @property
+    @_cached_property("_frobenius_norm")
     def frobenius_norm(self) -> Any:
         r"""Frobenius norm, from :math:`\|G \otimes A\|_F = \|G\|_F \|A\|_F`."""
         xp = self.backend.xp
@@ -578,7 +608,8 @@ class KFACInverseLinearOperator(LinearOperator):
                 "use_heuristic_damping/use_exact_damping",
                 "at most one of them",
                 "both True",
-                "Choose the heuristic split of the damping or exact damping.",
+                "Either use heuristic damping or exact damping (curvlinops-for-pytorch's "
+                "words): choose the heuristic split of the damping or exact damping.",
             )
         _check_damping(damping, use_heuristic_damping or use_exact_damping)
         self._A = A
@@ -593,6 +624,52 @@ class KFACInverseLinearOperator(LinearOperator):
         self._inverse_gradient_covariances: dict[str, Any] = {}
         self._eigenvalues_checked = False  # EKFAC's, for a singular damped operator
         super().__init__(A.dtype, A.shape)
+
+    # --- state, with curvlinops-for-pytorch 3.0.1's keys -------------------------------
+    _OPTIONS = (
+        "damping",
+        "use_heuristic_damping",
+        "min_damping",
+        "use_exact_damping",
+        "cache",
+        "retry_double_precision",
+    )
+
+    def state_dict(self) -> dict[str, Any]:
+        """The KFAC operator's state (``"A"``), the options, and the cached inverted factors."""
+        return {
+            "A": self._A.state_dict(),
+            **{key: getattr(self, f"_{key}") for key in self._OPTIONS},
+            "inverse_input_covariances": self._inverse_input_covariances,
+            "inverse_gradient_covariances": self._inverse_gradient_covariances,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a :meth:`state_dict` (the KFAC operator's too: its parameters are overwritten)."""
+        try:
+            self._A.load_state_dict(state_dict["A"])
+        except ValueError as error:
+            raise ValueError(
+                f"state_dict['A']: mismatch with this inverse's operator: {error}"
+            ) from error
+        options = {key: state_dict[key] for key in self._OPTIONS}
+        _check_damping(
+            options["damping"], options["use_heuristic_damping"] or options["use_exact_damping"]
+        )
+        for key, value in options.items():
+            setattr(self, f"_{key}", value)
+        self._inverse_input_covariances = dict(state_dict["inverse_input_covariances"])
+        self._inverse_gradient_covariances = dict(state_dict["inverse_gradient_covariances"])
+        self._eigenvalues_checked = False  # the loaded operator's, checked at the next product
+
+    @classmethod
+    def from_state_dict(
+        cls, state_dict: dict[str, Any], A: KFACLinearOperator
+    ) -> KFACInverseLinearOperator:
+        """A new inverse of ``A`` from a :meth:`state_dict` (``A`` takes its ``"A"`` state)."""
+        inverse = cls(A, **{key: state_dict[key] for key in cls._OPTIONS})
+        inverse.load_state_dict(state_dict)
+        return inverse
 
     def _native(self, X: Any, adjoint: bool) -> Any:
         A = self._A
@@ -716,6 +793,7 @@ class EKFACLinearOperator(KFACLinearOperator):
     """
 
     _ekfac = True
+    _SUPPORTED_FISHER_TYPE = (FisherType.TYPE2, FisherType.MC, FisherType.EMPIRICAL)
 
     def __init__(
         self, model_func: Any, loss_func: Any, params: Any, data: Any, **options: Any
@@ -757,6 +835,10 @@ class EKFACLinearOperator(KFACLinearOperator):
         )
         self._corrected_eigenvalues = dict(state_dict["corrected_eigenvalues"])
 
+    def _check_deterministic(self) -> None:
+        super()._check_deterministic()  # recomputes the factors, which drops the correction
+        self._factors_ready()  # the corrected eigenvalues too, as 3.0.1 has them after it
+
     def compute_kronecker_factors(self) -> None:
         """Compute the Kronecker factors; the eigencorrection is then recomputed too."""
         super().compute_kronecker_factors()
@@ -784,6 +866,7 @@ class EKFACLinearOperator(KFACLinearOperator):
         if self._comm.world_size > 1:
             corrections = self._sum_corrections_over_processes(corrections)
         self._corrected_eigenvalues = _nest_corrections(corrections, self._mapping, self._is_joint)
+        _forget_closed_forms(self)
 
     def _sum_corrections_over_processes(self, corrections: dict) -> dict:
         """The corrections of all processes' data, in the layers' order (zeros for none)."""
@@ -831,25 +914,25 @@ class EKFACLinearOperator(KFACLinearOperator):
         xp = self.backend.xp
         return xp.concat([xp.reshape(values, (-1,)) for values in self._all_eigenvalues()])
 
-    @property
+    @_cached_property("_trace")
     def trace(self) -> Any:
         """Trace: the sum of the corrected eigenvalues."""
         xp = self.backend.xp
         return sum(xp.sum(values) for values in self._all_eigenvalues())
 
-    @property
+    @_cached_property("_det")
     def det(self) -> Any:
         """Determinant: the product of the corrected eigenvalues."""
         xp = self.backend.xp
         values = self._flat_eigenvalues()
         return xp.where(_singular(xp, values), 0.0, xp.prod(values))
 
-    @property
+    @_cached_property("_logdet")
     def logdet(self) -> Any:
         """Log-determinant: the sum of the corrected eigenvalues' logarithms."""
         return _logdet_of_eigenvalues(self.backend.xp, self._flat_eigenvalues())
 
-    @property
+    @_cached_property("_frobenius_norm")
     def frobenius_norm(self) -> Any:
         """Frobenius norm: the 2-norm of the corrected eigenvalues."""
         xp = self.backend.xp
@@ -896,6 +979,7 @@ def _check_damping(damping: Any, single: bool) -> None:
                 "damping",
                 "one number for heuristic or exact damping",
                 f"the pair {damping!r}",
+                "Heuristic and exact damping require a single damping value.",
             )
         if len(damping) != 2 or not all(isinstance(d, (int, float)) for d in damping):
             raise value_error("damping", "a number or a pair (δ_A, δ_G)", repr(damping))

@@ -178,7 +178,9 @@ class CrossEntropyLoss(_StandardLoss):
     JAX/optax convention; PyTorch's module uses axis 1, and a
     ``torch.nn.CrossEntropyLoss`` given to an operator is read that way. For
     2-d outputs both are the same. The output Hessian per row is
-    ``diag(p) - p pᵀ`` with ``p = softmax(z)``.
+    ``diag(p) - p pᵀ`` with ``p = softmax(z)``; for probabilities ``y`` that do
+    not sum to 1 (the loss ``-Σ y log p``, as PyTorch computes it), it is
+    ``(Σ y)(diag(p) - p pᵀ)`` and the gradient ``(Σ y) p - y``.
     """
 
     reduction: str = "mean"
@@ -250,15 +252,6 @@ class CrossEntropyLoss(_StandardLoss):
             )
         _check_finite(b, targets, argument)
         _check_range(b, targets, argument, "class probabilities in [0, 1]", 0, 1)
-        # The closed-form gradient p - y and output Hessian diag(p) - p pᵀ assume Σ y = 1.
-        deviation = float(xp.max(xp.abs(xp.sum(targets, axis=self.class_axis) - 1)))
-        if deviation > math.sqrt(float(xp.finfo(targets.dtype).eps)):
-            raise value_error(
-                argument,
-                f"class probabilities that sum to 1 over the class axis {self.class_axis}",
-                f"sums that differ from 1 by up to {deviation:.3g}",
-                "Normalise them, e.g. y / y.sum(axis, keepdims=True).",
-            )
 
     def value(self, b: Any, outputs: Any, targets: Any) -> Any:
         terms = -self._target_probs(b, outputs, targets) * self._log_probs(b, outputs)
@@ -268,13 +261,29 @@ class CrossEntropyLoss(_StandardLoss):
         xp = b.xp
         probs = xp.exp(self._log_probs(b, outputs))
         pu = xp.sum(probs * u, axis=self.class_axis, keepdims=True)
-        return self._scale(outputs) * (probs * u - probs * pu)
+        return self._target_mass(b, outputs, targets) * (probs * u - probs * pu)
+
+    def _target_mass(self, b: Any, outputs: Any, targets: Any) -> Any:
+        """``Σ y`` per position (keepdims) times the normalisation; 1 for class indices."""
+        if targets is None or targets.ndim != outputs.ndim:
+            return self._scale(outputs)
+        axis = self._term_axis(outputs.ndim)
+        return self._scale(outputs) * b.xp.sum(targets, axis=axis, keepdims=True)
+
+    def hessian_sqrt_columns(self, b: Any, outputs: Any, targets: Any) -> Any:
+        columns = super().hessian_sqrt_columns(b, outputs, targets)
+        if targets is None or targets.ndim != outputs.ndim:
+            return columns
+        axis = self._term_axis(outputs.ndim)
+        return b.xp.sqrt(b.xp.sum(targets, axis=axis, keepdims=True)) * columns
 
     def _term_axis(self, ndim: int) -> int | None:
         return self.class_axis % ndim - ndim
 
     def _gradient(self, b: Any, outputs: Any, targets: Any) -> Any:
-        return b.xp.exp(self._log_probs(b, outputs)) - targets
+        axis = self._term_axis(outputs.ndim)  # from the end: targets may be (k, *shape)
+        mass = b.xp.sum(targets, axis=axis, keepdims=True)  # Σ y, 1 for one-hot
+        return b.xp.exp(self._log_probs(b, outputs)) * mass - targets
 
     def output_gradient(self, b: Any, outputs: Any, targets: Any) -> Any:
         return self._gradient(b, outputs, self._target_probs(b, outputs, targets))

@@ -69,6 +69,21 @@ class SubmatrixLinearOperator(LinearOperator):
             self.A._native(full, adjoint), self._indices(X, ("keep", adjoint), rows), axis=0
         )
 
+    def set_submatrix(self, row_idxs: Any, col_idxs: Any) -> None:
+        """Select other rows and columns of ``A`` (curvlinops-for-pytorch 3.0.1's method).
+
+        Raises:
+            ValueError: Indices that are not distinct integers within ``A``'s shape.
+        """
+        rows = _check_indices(row_idxs, self.A.shape[0], "row_idxs")
+        cols = _check_indices(col_idxs, self.A.shape[1], "col_idxs")
+        self.row_idxs, self.col_idxs = rows, cols
+        self.is_symmetric = self.A.is_symmetric and np.array_equal(rows, cols)
+        self._native_indices = {}
+        self.shape = (len(rows), len(cols))
+        self.__dict__.pop("_in_shapes", None)
+        self.__dict__.pop("_out_shapes", None)
+
     def _indices(self, X: Any, key: Any, idx: np.ndarray) -> Any:
         """``idx`` as an index array of ``X``'s library and device (cached)."""
         xp = array_api_compat.array_namespace(X)
@@ -251,6 +266,10 @@ def restrict_params(
 
 
 # --- helpers ----------------------------------------------------------------------
+class IndexKindError(TypeError, ValueError):
+    """Indices that are not integers: a ``TypeError``, and the ``ValueError`` of 3.0.1."""
+
+
 def _check_indices(idxs: Any, n: int, argument: str) -> np.ndarray:
     try:
         array = np.asarray(idxs)
@@ -259,7 +278,7 @@ def _check_indices(idxs: Any, n: int, argument: str) -> np.ndarray:
     if array.ndim != 1:
         raise shape_error(argument, "a 1-d sequence of indices", array.shape)
     if array.size and array.dtype.kind not in "iu":
-        raise type_error(argument, "int indices", array)
+        raise IndexKindError(str(type_error(argument, "int indices", array)))
     array = array.astype(np.int64)
     if array.size and (array.min() < 0 or array.max() >= n):
         bad = array[(array < 0) | (array >= n)]

@@ -6,10 +6,51 @@ from typing import Any
 
 import numpy as np
 
-from curvlinops._checks import shape_error
+from curvlinops._checks import shape_error, value_error
 from curvlinops._operand import _host_copy
 
-__all__ = ["allclose_report"]
+__all__ = [
+    "allclose_report",
+    "assert_divisible_by",
+    "assert_is_square",
+    "assert_matvecs_subseed_dim",
+    "split_list",
+]
+
+
+def split_list(x: list | tuple, sizes: list[int]) -> list[list]:
+    """``x`` cut into consecutive lists of ``sizes`` entries (which must add up to ``len(x)``).
+
+    Example:
+        >>> from curvlinops.utils import split_list
+        >>> split_list([1, 2, 3], [1, 2])
+        [[1], [2, 3]]
+    """
+    if len(x) != sum(sizes):
+        raise value_error(
+            "sizes", f"sizes adding up to len(x) = {len(x)}", f"a sum of {sum(sizes)}"
+        )
+    bounds = np.cumsum([0, *sizes])
+    return [list(x[start:stop]) for start, stop in zip(bounds[:-1], bounds[1:])]
+
+
+def assert_is_square(A: Any) -> int:
+    """The size ``n`` of a square ``A`` (anything with ``.shape``); else ValueError."""
+    if len(A.shape) != 2 or A.shape[0] != A.shape[1]:
+        raise shape_error("A", "a square operator", tuple(A.shape))
+    return int(A.shape[0])
+
+
+def assert_matvecs_subseed_dim(A: Any, num_matvecs: int) -> None:
+    """ValueError unless ``num_matvecs`` is below each of ``A``'s dimensions."""
+    if any(num_matvecs >= d for d in A.shape):
+        raise value_error("num_matvecs", f"fewer than A's size {tuple(A.shape)}", str(num_matvecs))
+
+
+def assert_divisible_by(num: int, divisor: int, name: str) -> None:
+    """ValueError unless ``num`` (the argument ``name``) is a multiple of ``divisor``."""
+    if num % divisor != 0:
+        raise value_error(name, f"a multiple of {divisor}", str(num))
 
 
 def allclose_report(tensor1: Any, tensor2: Any, rtol: float = 1e-5, atol: float = 1e-8) -> bool:

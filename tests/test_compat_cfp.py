@@ -10,8 +10,11 @@ in a subprocess with its folder first on ``sys.path`` (see ``REFERENCE_SCRIPT``)
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -164,9 +167,53 @@ out["functorch loss"] = value.detach().numpy()
 A, c = V[:, :2], torch.tensor([0.5, 2.0])
 out["tensor op"] = (TensorLinearOperator(W[:5, :]) @ V[:3, :]).numpy()
 out["outer op"] = (OuterProductLinearOperator(c, A) @ V).numpy()
+import importlib, inspect, json
+signatures = {{}}
+for module, names in {module_paths}.items():
+    for name in names:
+        parameters = inspect.signature(getattr(importlib.import_module(module), name)).parameters
+        signatures[f"{{module}}.{{name}}"] = [
+            [p.name, p.default is inspect.Parameter.empty] for p in parameters.values()
+            if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        ]
+out["signatures"] = np.array(json.dumps(signatures))
 np.savez(sys.argv[1], **out)
 """
 )
+
+# 3.0.1's module paths and the names its code imports from them (functions and classes)
+MODULE_PATHS = {
+    "curvlinops.ekfac": [
+        "EKFACLinearOperator",
+        "compute_eigenvalue_correction_linear_weight_sharing",
+    ],
+    "curvlinops.sampling": ["random_vector", "rademacher", "normal"],
+    "curvlinops.utils": [
+        "split_list",
+        "allclose_report",
+        "assert_is_square",
+        "assert_matvecs_subseed_dim",
+        "assert_divisible_by",
+    ],
+    "curvlinops.experimental.activation_hessian": [
+        "ActivationHessianLinearOperator",
+        "store_activation",
+    ],
+    "curvlinops.gradient_moments": ["EFLinearOperator"],
+    "curvlinops.kfac_utils": [
+        "loss_hessian_matrix_sqrt",
+        "extract_patches",
+        "extract_averaged_patches",
+    ],
+    "curvlinops.trace.hutchinson": ["hutchinson_trace"],
+    "curvlinops.trace.meyer2020hutch": ["hutchpp_trace"],
+    "curvlinops.trace.epperly2024xtrace": ["xtrace"],
+    "curvlinops.diagonal.hutchinson": ["hutchinson_diag"],
+    "curvlinops.diagonal.epperly2024xtrace": ["xdiag"],
+    "curvlinops.norm.hutchinson": ["hutchinson_squared_fro"],
+    "curvlinops._torch_base": ["PyTorchLinearOperator", "CurvatureLinearOperator"],
+    "curvlinops.inverse": ["KFACInverseLinearOperator", "CGInverseLinearOperator"],
+}
 
 
 def _reference_path() -> Path:
@@ -182,7 +229,11 @@ def theirs(tmp_path_factory):
         pytest.skip(f"curvlinops-for-pytorch 3.0.1 is not installed in {reference}")
     folder = tmp_path_factory.mktemp("cfp")
     script, output = folder / "reference.py", folder / "theirs.npz"
-    script.write_text(REFERENCE_SCRIPT.format(damping=DAMPING, blocks=BLOCKS, tight=TIGHT))
+    script.write_text(
+        REFERENCE_SCRIPT.format(
+            damping=DAMPING, blocks=BLOCKS, tight=TIGHT, module_paths=repr(MODULE_PATHS)
+        )
+    )
     path = os.pathsep.join([str(reference), os.environ.get("PYTHONPATH", "")])
     process = subprocess.run(
         [sys.executable, str(script), str(output)],
@@ -211,6 +262,25 @@ def test_every_public_name_of_3_0_1_is_here(theirs):
     from curvlinops.papyan2020traces import spectrum
 
     assert spectrum.lanczos_approximate_spectrum is lanczos_approximate_spectrum
+
+
+def test_every_module_path_of_3_0_1_has_its_names_and_signatures(theirs):
+    """Each name imports from 3.0.1's module path; its arguments, in order, are accepted.
+
+    Ours may take more (keyword) options; a class whose ``__init__`` takes ``**options``
+    accepts 3.0.1's keywords through them.
+    """
+    theirs_signatures = json.loads(str(theirs["signatures"]))
+    for module, names in MODULE_PATHS.items():
+        for name in names:
+            ours = inspect.signature(getattr(importlib.import_module(module), name)).parameters
+            required = [n for n, no_default in theirs_signatures[f"{module}.{name}"] if no_default]
+            optional = [
+                n for n, no_default in theirs_signatures[f"{module}.{name}"] if not no_default
+            ]
+            assert list(ours)[: len(required)] == required, (module, name)
+            takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in ours.values())
+            assert takes_any or set(optional) <= set(ours), (module, name, optional)
 
 
 def test_operator_products_equal_3_0_1(theirs, problem):
@@ -340,8 +410,8 @@ def test_lsmr_against_dense_solutions_on_both_backends():
 
 def test_inverse_keywords_are_checked():
     A = np.diag([1.0, 2.0, 3.0])
-    with pytest.raises(TypeError, match=r"CGInverseLinearOperator\(eps=...\): .* drop it"):
-        CGInverseLinearOperator(A, eps=1e-10)
+    with pytest.raises(TypeError, match=r"CGInverseLinearOperator\(x0=...\)"):
+        CGInverseLinearOperator(A, x0=np.zeros(3))
     with pytest.raises(ValueError, match="tolerance: expected None when tol is given"):
         CGInverseLinearOperator(A, tol=1e-6, tolerance=1e-6)
     with pytest.raises(TypeError, match=r"LSMRInverseLinearOperator\(x0=...\)"):
@@ -492,3 +562,70 @@ def test_allclose_report_prints_the_differences(capsys):
     printed = capsys.readouterr().out
     assert "at index (1,): 2.00000e+00 vs 3.00000e+00" in printed
     assert "1 of 2 entries differ" in printed
+
+
+# --- 3.0.1's own test suite ---------------------------------------------------------------------
+# A small, representative part of it (base classes, lists through the Jacobian, an EF
+# product check, KFAC closed forms and state dicts, the helper modules), run as 3.0.1 runs it: from
+# a copy of its folder, with this package importable as curvlinops.
+CFP_SUITE_SAMPLE = [
+    "test/test__torch_base.py::test_input_formatting",
+    "test/test__torch_base.py::test_output_formatting",
+    "test/test__torch_base.py::test_preserve_input_format",
+    "test/test__torch_base.py::test_ChainPyTorchLinearOperator[adjoint-matmat]",
+    "test/test_utils.py",
+    "test/test_jacobian.py::test_JacobianLinearOperator[case0--matmat]",
+    "test/test_jacobian.py::test_TransposedJacobianLinearOperator[case0-adjoint-matvec]",
+    "test/test_gradient_moments.py::test_EFLinearOperator[case0--matmat]",
+    "test/test_kfac.py::test_trace[case0--all-joint_bias-check_deterministic]",
+    "test/test_inverse.py::test_KFAC_inverse_from_state_dict[-separate_bias-all-cached--exact_damping]",
+    "test/test_ekfac.py::test_save_and_load_state_dict",
+    "test/test_ekfac.py::test_compute_eigenvalue_correction_linear_weight_sharing",
+    "test/experimental/test_activation_hessian.py::test_store_activation[dev=cpu]",
+    "test/experimental/test_activation_hessian.py::test_ActivationHessianLinearOperator[dev=cpu]",
+]
+# 3.0.1's dtype is a torch.dtype; its two test helpers hand op.dtype to torch.eye / torch.rand.
+# Given .torch_dtype (this package's name for it) they run as written; nothing else is changed.
+DTYPE_HELPER_EDITS = [
+    (
+        "    return eye(dim, dtype=A.dtype, device=A.device)",
+        '    return eye(dim, dtype=getattr(A, "torch_dtype", A.dtype), device=A.device)',
+    ),
+    (  # an operator's numpy dtype -> the torch.dtype of that name (torch dtypes stay)
+        "    num_vecs = 1 if is_vec else num_vecs\n\n    M_tensor_list",
+        "    num_vecs = 1 if is_vec else num_vecs\n"
+        '    dtype = getattr(__import__("torch"), str(dtype), dtype)\n\n    M_tensor_list',
+    ),
+]
+
+
+def _cfp_suite() -> Path | None:
+    """3.0.1's test suite: ``$CFP301_TESTS``, or ``../shared/compat/cfp301-tests``."""
+    root = Path(__file__).resolve().parents[1]
+    default = root.parent / "shared" / "compat" / "cfp301-tests"
+    folder = Path(os.environ.get("CFP301_TESTS", default))
+    return folder if (folder / "test" / "conftest.py").is_file() else None
+
+
+def test_part_of_3_0_1s_own_test_suite_passes(tmp_path):
+    pytest.importorskip("einops")  # 3.0.1's tests import it
+    suite = _cfp_suite()
+    if suite is None:
+        pytest.skip(
+            "curvlinops-for-pytorch 3.0.1's test suite (../shared/compat/cfp301-tests) is absent"
+        )
+    copy = tmp_path / "cfp301"
+    shutil.copytree(suite, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    helpers = copy / "test" / "utils.py"
+    helpers.chmod(0o644)
+    text = helpers.read_text()
+    for before, after in DTYPE_HELPER_EDITS:
+        assert text.count(before) == 1, before
+        text = text.replace(before, after)
+    helpers.write_text(text)
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *CFP_SUITE_SAMPLE]
+    result = subprocess.run(command, cwd=copy, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout and "failed" not in result.stdout

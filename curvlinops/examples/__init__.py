@@ -4,8 +4,8 @@ r"""Small operators of curvlinops-for-pytorch 3.0.1's ``curvlinops.examples``.
 (:math:`\sum_i c_i a_i a_i^\top`) and :class:`IdentityLinearOperator` with 3.0.1's
 signatures, as operators of this library: products take arrays of any
 library and compute in the library of the matrix given (PyTorch for a
-tensor). Unlike 3.0.1 they do not take lists of tensors (they have no
-parameter space). The top-level :class:`curvlinops.IdentityLinearOperator`
+tensor). Products also take (and return) a list of one ``(n,)`` or
+``(n, K)`` array, as 3.0.1's tensor lists. The top-level :class:`curvlinops.IdentityLinearOperator`
 keeps its own signature. Dense references built with ``torch.func`` are in
 :mod:`curvlinops.examples.functorch`. Importing this module imports no
 framework.
@@ -43,6 +43,11 @@ class _DenseOperator(LinearOperator):
     def device(self) -> Any:
         """The device of the matrix (``torch.device`` for a tensor, ``"cpu"`` for numpy)."""
         return self._op.device
+
+    @property
+    def _library_operand(self) -> Operand:
+        """The matrix's products in its own library (estimators return its arrays)."""
+        return self._op
 
 
 class TensorLinearOperator(_DenseOperator):
@@ -142,6 +147,7 @@ class IdentityLinearOperator(_base.IdentityLinearOperator):
         size = sum(int(np.prod(s, dtype=int)) for s in shape)
         super().__init__(size, _numpy_dtype(dtype))
         self._device = device
+        self._in_shape = self._out_shape = shape  # lists of tensors of these shapes
 
     @property
     def device(self) -> Any:

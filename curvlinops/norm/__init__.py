@@ -1,0 +1,1 @@
+"""curvlinops-for-pytorch 3.0.1's ``curvlinops.norm`` (see :mod:`curvlinops.norm.hutchinson`)."""
