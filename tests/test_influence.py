@@ -250,7 +250,8 @@ def test_response_jacobian_matches_finite_differences(backend_name):
     # adjoint (hypergradients), also from parameter-shaped inputs
     assert_close(J.T @ np.eye(FEATURES + 1), dense.T, rtol=1e-9)
     u = np.arange(1.0, FEATURES + 2.0)
-    assert_close(J.T @ [u[:FEATURES], u[FEATURES:]], dense.T @ u, rtol=1e-9)
+    # lists in, lists out: the hyperparameters' structure ([array(hyper)])
+    assert_close(J.T @ [u[:FEATURES], u[FEATURES:]], [dense.T @ u], rtol=1e-9)
     assert J.inverse.info.converged.all()
 
 
