@@ -83,7 +83,7 @@ def _add_influence_parser(commands: Any) -> None:
         "influence",
         help="influence functions that find mislabelled digits (scikit-learn's digits)",
         description=(
-            "Flip 10%% of the training labels of scikit-learn's digits, train logistic "
+            "Flip 10% of the training labels of scikit-learn's digits, train logistic "
             "regression and a tanh MLP, and rank the training points by self-influence "
             "(exact Hessian and GGN by batched CG, KFAC, EKFAC) against baselines; recall "
             "curves, a test-influence image grid and leave-one-out validation (PNGs)."

@@ -131,6 +131,53 @@ def test_self_influence_matches_dense_reference(problem, backend, model):
         np.testing.assert_allclose(scores, reference, rtol=1e-5, atol=0)
 
 
+@pytest.mark.skipif(not HAS_TORCH, reason="the dense reference uses torch.func")
+@pytest.mark.parametrize("backend", INSTALLED)
+def test_objective_hessian_products_follow_the_weights(problem, backend):
+    """Newton's products (a kept graph in PyTorch) equal the dense Hessian at every ``w``.
+
+    Also after ``w`` moves and after a point is removed (leave-one-out): a kept
+    graph of an earlier ``w`` or of other weights must not be reused.
+    """
+    import torch
+    from torch.func import hessian
+
+    from curvlinops.backends import make_backend
+    from curvlinops.backends._jobs_classifiers import tanh_classifier
+    from curvlinops.jobs.influence.problem import initial_weights
+    from curvlinops.jobs.influence.training import _Objective
+
+    like = initial_weights("mlp", SMALL, 3)
+    model_func, params = tanh_classifier(backend, like)
+    backend_object = make_backend(model_func, params, backend)
+    objective = _Objective(backend_object, problem.X_train, problem.y_train, 0.1)
+    X, Y = torch.tensor(problem.X_train), torch.eye(10, dtype=torch.float64)[problem.y_train]
+    sizes = [w.size for w in like]
+
+    def dense(w, c):
+        def value(v):
+            h = X
+            pieces = torch.split(v, sizes)
+            for i in range(0, len(pieces), 2):
+                W = pieces[i].reshape(like[i].shape)
+                h = (torch.tanh(h) if i else h) @ W.T + pieces[i + 1]
+            terms = torch.logsumexp(h, 1) - (Y * h).sum(1)
+            return (torch.tensor(c) * terms).sum() / len(c) + 0.05 * (v * v).sum()
+
+        return hessian(value)(torch.tensor(w)).numpy()
+
+    rng = np.random.default_rng(0)
+    w0 = np.concatenate([w.ravel() for w in like])
+    v = rng.standard_normal(w0.size)
+    c_all, c_loo = np.ones(len(problem.y_train)), np.ones(len(problem.y_train))
+    c_loo[4] = 0.0
+    w1 = w0 + 0.3 * rng.standard_normal(w0.size)
+    for w, removed, c in [(w0, None, c_all), (w0, None, c_all), (w1, None, c_all), (w1, 4, c_loo)]:
+        weights = objective.example_weights(removed)
+        product = objective.hessian_product(w, v, weights)
+        np.testing.assert_allclose(product, dense(w, c) @ v, rtol=1e-10, atol=1e-12)
+
+
 def test_report_schema(report):
     assert report["schema"] == "curvlinops-influence/1"
     assert report["problem"]["n_train"] == 100
