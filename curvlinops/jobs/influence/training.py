@@ -87,7 +87,8 @@ class _Objective:
         if b.compiles:
             product = self._hessian_product(self.primals(w), self.X, self.Y, weights, v_native)
         else:
-            product = b.flatten(b.linear_jvp(self._kept_gradient(w, weights), b.unflatten(v_native)))
+            kept = self._kept_gradient(w, weights)
+            product = b.flatten(b.linear_jvp(kept, b.unflatten(v_native)))
         return np.asarray(b.to_numpy(product), dtype=np.float64)
 
     def _kept_gradient(self, w: np.ndarray, weights: Any) -> Any:
