@@ -34,6 +34,22 @@ def kfac_of(curvature: Any) -> Any:
     return K
 
 
+def capturing_kfac(curvature: Any, model_func: Any, b: Any) -> Any:
+    """The PyTorch KFAC/EK-FAC behind ``curvature`` if its capture sees ``model_func``'s layers.
+
+    Its layer capture then gives per-example gradients in one batched pass
+    (:func:`captured_gradients`); JAX compiles its ``vmap`` of gradients
+    instead, and other curvatures have no capture (``None``).
+    """
+    from curvlinops.kfac import KFACInverseLinearOperator, KFACLinearOperator
+
+    K = curvature._A if isinstance(curvature, KFACInverseLinearOperator) else curvature
+    if not isinstance(K, KFACLinearOperator) or b.name != "torch":
+        return None
+    same_model = getattr(K._capture, "_model", None) is model_func
+    return K if same_model and K.backend.param_names == b.param_names else None
+
+
 def query_blocks(K: Any, S: Any) -> dict[tuple[str, str], Any]:
     """The preconditioned query gradients ``(P, T)`` per layer part, ``(d_out, d_in, T)``."""
     pieces: dict[tuple[str, str], Any] = {}
@@ -46,16 +62,44 @@ def query_blocks(K: Any, S: Any) -> dict[tuple[str, str], Any]:
     return pieces
 
 
-def token_scores(scorer: Any, K: Any, pieces: dict, X: Any, y: Any) -> Any:
-    """``(T, n, S)``: the scores of each token of a block of ``n`` training sequences."""
+def _captures(scorer: Any, K: Any, X: Any, y: Any) -> tuple[dict, dict, int]:
+    """Layer inputs ``(n, S, d_in)``, each example's own output gradients ``(1, n, S, d_out)``."""
     b, loss = scorer.backend, scorer._gradients.loss
-    xp = b.xp
     K._capture.prepare(X)
     z, inputs, pullback = K._capture.forward(b.model_fn, b.primals, X, True)
-    n = z.shape[0]
     # each sequence's own loss: the batch's un-normalised term gradients, scaled as for one example
     scale = loss.normalization(z[:1])
-    gradients = pullback(scale * loss.output_gradient(b, z, y)[None])
+    return inputs, pullback(scale * loss.output_gradient(b, z, y)[None]), z.shape[0]
+
+
+def captured_gradients(scorer: Any, K: Any, X: Any, y: Any) -> Any:
+    r"""``(P, n)``: per-example gradients from one forward and backward pass of the batch.
+
+    A linear layer's weight gradient of example :math:`n` is
+    :math:`\sum_s g_{ns} a_{ns}^\top`, a batched product of the captured
+    output gradients and inputs (the bias: :math:`\sum_s g_{ns}`); the
+    parameters' layout is KFAC's (``blockwise``).
+    """
+    xp = scorer.backend.xp
+    inputs, gradients, n = _captures(scorer, K, X, y)
+
+    def example_blocks(name: str, part: str, M: Any) -> Any:
+        g = gradients[name][0]  # (n, S, d_out)
+        if part == "bias":
+            return xp.permute_dims(xp.sum(g, axis=1), (1, 0))[:, None, :]
+        a = inputs[name]
+        if part == "joint":
+            a = xp.concat([a, xp.ones_like(a[..., :1])], axis=-1)
+        return xp.permute_dims(xp.matrix_transpose(g) @ a, (1, 2, 0))  # (d_out, d_in, n)
+
+    P = int(scorer._offsets[-1])
+    return K._program.blockwise(scorer.backend.zeros((P, n)), example_blocks)
+
+
+def token_scores(scorer: Any, K: Any, pieces: dict, X: Any, y: Any) -> Any:
+    """``(T, n, S)``: the scores of each token of a block of ``n`` training sequences."""
+    xp = scorer.backend.xp
+    inputs, gradients, n = _captures(scorer, K, X, y)
     total = None
     for (name, part), M in pieces.items():
         g = gradients[name][0]  # (n, S, d_out)

@@ -51,7 +51,14 @@ from curvlinops._influence_preconditioners import (
     layers_of,
     preconditioner,
 )
-from curvlinops._influence_tokens import kfac_of, low_rank_queries, query_blocks, token_scores
+from curvlinops._influence_tokens import (
+    captured_gradients,
+    capturing_kfac,
+    kfac_of,
+    low_rank_queries,
+    query_blocks,
+    token_scores,
+)
 from curvlinops._memory import MemoryEstimate, resolve_budget
 from curvlinops._operand import check_real
 from curvlinops.backends import make_backend
@@ -147,6 +154,7 @@ class InfluenceScorer:
         self._layers = layers_of(curvature, b)
         self.layer_names = list(self._layers)
         self._gradients = _PerExampleGradients(b, b.loss(loss_func), examples_per_pass)
+        self._capturing = capturing_kfac(curvature, model_func, b)
         self._precondition, self.damping_per_layer = preconditioner(
             curvature, self, damping, tol, maxiter
         )
@@ -193,7 +201,14 @@ class InfluenceScorer:
             raise value_error("data", "at least one example in batches (X, y)", "no examples")
 
     def gradients(self, X: Any, y: Any) -> Any:
-        """``(P, n)``: the per-example gradients of a block from :meth:`example_blocks`."""
+        """``(P, n)``: the per-example gradients of a block from :meth:`example_blocks`.
+
+        With a PyTorch KFAC or EK-FAC curvature of the same model, from one
+        forward and backward pass of the block through KFAC's layer capture
+        (a batched product per layer); else by ``vmap`` over the examples.
+        """
+        if self._capturing is not None:
+            return captured_gradients(self, self._capturing, X, y)
         return self._gradients._compiled(self.backend.primals, X, y)
 
     def gradient_blocks(self, data: Iterable) -> Iterator[Any]:

@@ -69,8 +69,11 @@ def test_an_interrupted_run_resumes_from_its_blocks(tmp_path: object) -> None:
     expected = scorer.pairwise_scores(query, train)
     first = scorer.pairwise_scores(query, train, output_dir=tmp_path, memory_budget=1e9)
     torch.testing.assert_close(first, expected, rtol=1e-13, atol=0)
-    blocks = sorted(path.name for path in tmp_path.glob("pairwise_query*_batch*.npz"))
-    assert blocks == ["pairwise_query0_batch0.npz", "pairwise_query0_batch1.npz"]
+    blocks = sorted(path.name for path in tmp_path.glob("pairwise_query*_batch*"))
+    assert blocks == [
+        "pairwise_query0_batch0.safetensors",
+        "pairwise_query0_batch1.safetensors",
+    ]
     (tmp_path / blocks[1]).unlink()  # as if interrupted during the second batch
     computed = []
     gradients = scorer.gradients
@@ -83,24 +86,27 @@ def test_an_interrupted_run_resumes_from_its_blocks(tmp_path: object) -> None:
         other.pairwise_scores(query, train, output_dir=tmp_path, memory_budget=1e9)
 
 
+@pytest.mark.parametrize("name", ["factors.safetensors", "factors.npz"])
 @pytest.mark.parametrize("cls", [KFACLinearOperator, EKFACLinearOperator])
-def test_saved_factors_load_without_recomputing(cls: type, tmp_path: object) -> None:
+def test_saved_factors_load_without_recomputing(cls: type, name: str, tmp_path: object) -> None:
     model, train, _ = _problem()
     loss, params = torch.nn.CrossEntropyLoss(), list(model.parameters())
     K = cls(model, loss, params, train, fisher_type="empirical")
-    save_factors(K, tmp_path / "factors.npz")
+    path = tmp_path / name
+    save_factors(K, path)
+    assert (path.read_bytes()[:2] == b"PK") == name.endswith(".npz")
     fresh = cls(model, loss, params, train, fisher_type="empirical", check_deterministic=False)
 
     def refuse() -> None:
         raise AssertionError("recomputed")
 
     fresh.compute_kronecker_factors = fresh.compute_eigenvalue_correction = refuse
-    load_factors(fresh, tmp_path / "factors.npz")
+    load_factors(fresh, path)
     eye = np.eye(K.shape[0])
     np.testing.assert_allclose(fresh @ eye, K @ eye, rtol=1e-15, atol=0)
     other = cls(model, loss, params, train, fisher_type="mc", check_deterministic=False)
     with pytest.raises(ValueError, match="path.*fisher_type: 'empirical' there, 'mc' here"):
-        load_factors(other, tmp_path / "factors.npz")
+        load_factors(other, path)
     with pytest.raises(TypeError, match="curvature.*KFACLinearOperator"):
         save_factors(np.eye(3), tmp_path / "no.npz")
 
@@ -109,11 +115,41 @@ def test_saved_scores_keep_their_settings(tmp_path: object) -> None:
     model, train, query = _problem()
     scorer = _scorer(model, _ekfac(model, train))
     scores = scorer.pairwise_scores(query, train, per_layer=True)
-    save_scores(tmp_path / "scores.npz", scores, scorer.settings())
-    loaded, settings = load_scores(tmp_path / "scores.npz")
+    for name in ("scores.safetensors", "scores.npz"):  # .npz: files of earlier versions
+        save_scores(tmp_path / name, scores, scorer.settings())
+        loaded, settings = load_scores(tmp_path / name)
+        assert settings == scorer.settings()
+        assert list(loaded) == scorer.layer_names
+        for layer, value in loaded.items():
+            np.testing.assert_array_equal(value, scores[layer].numpy())
+    with pytest.raises(ValueError, match="path.*existing .safetensors or .npz file"):
+        load_scores(tmp_path / "missing.safetensors")
+    (tmp_path / "other.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="path.*a .safetensors or .npz file.*unreadable"):
+        load_scores(tmp_path / "other.safetensors")
+
+
+def test_jax_factors_and_scores_round_trip(tmp_path: object) -> None:
+    """safetensors in JAX: factors load into a fresh operator, scores keep their values."""
+    pytest.importorskip("jax")
+    from curvlinops import losses
+    from test_influence_scores import jax_twin
+
+    model, train, query = _problem()
+    model_func, params = jax_twin(model)
+    data = [(X.numpy(), y.numpy()) for X, y in train]
+    loss = losses.CrossEntropyLoss()
+    E = EKFACLinearOperator(model_func, loss, params, data, fisher_type="empirical")
+    save_factors(E, tmp_path / "factors.safetensors")
+    fresh = EKFACLinearOperator(
+        model_func, loss, params, data, fisher_type="empirical", check_deterministic=False
+    )
+    load_factors(fresh, tmp_path / "factors.safetensors")
+    eye = np.eye(E.shape[0])
+    np.testing.assert_allclose(fresh @ eye, E @ eye, rtol=1e-15, atol=0)
+    scorer = InfluenceScorer(E, model_func, loss, params, damping="heuristic")
+    scores = scorer.pairwise_scores([(X.numpy(), y.numpy()) for X, y in query], data)
+    save_scores(tmp_path / "scores.safetensors", scores, scorer.settings())
+    loaded, settings = load_scores(tmp_path / "scores.safetensors")
+    np.testing.assert_array_equal(loaded, np.asarray(scores))
     assert settings == scorer.settings()
-    assert list(loaded) == scorer.layer_names
-    for layer, value in loaded.items():
-        np.testing.assert_array_equal(value, scores[layer].numpy())
-    with pytest.raises(ValueError, match="path.*existing .npz file"):
-        load_scores(tmp_path / "missing.npz")
