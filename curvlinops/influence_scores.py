@@ -44,6 +44,7 @@ import numpy as np
 
 from curvlinops._checks import check_positive_int, value_error
 from curvlinops._curvature import _check_data, _split_batch
+from curvlinops._influence_low_rank import LowRankQueries, held_bytes_per_query
 from curvlinops._influence_preconditioners import (
     HEURISTIC_DAMPING,
     HEURISTIC_DAMPING_SCALE,
@@ -55,7 +56,6 @@ from curvlinops._influence_tokens import (
     captured_gradients,
     capturing_kfac,
     kfac_of,
-    low_rank_queries,
     query_blocks,
     token_scores,
 )
@@ -258,14 +258,16 @@ class InfluenceScorer:
                 with ``use_full_svd=True``): a layer's ``(d_out, d_in)`` block
                 (bias as a last column where KFAC keeps one block) becomes its
                 best rank-``query_rank`` approximation where both sides
-                exceed it. The truncated gradients are held densely.
+                exceed it. Only the factors are held (``r (d_out + d_in)``
+                numbers a block and query, not ``d_out d_in``); scoring a block
+                of training gradients then takes ``r`` times the products.
 
         Returns:
             A native ``(T, N)`` array, or a dict of them per layer.
         """
         selection = self._selection(layers)
-        size = self._query_partition_size(selection, memory_budget)
         rank = None if query_rank is None else check_positive_int(query_rank, "query_rank")
+        size = self._query_partition_size(selection, memory_budget, rank)
         store = None
         if output_dir is not None:
             from curvlinops.influence_store import ScoreBlockStore
@@ -302,15 +304,9 @@ class InfluenceScorer:
                 row.append(store.get(part, index, per_layer))
                 continue
             if S is None:  # computed only where a block is missing
-                S = self._concat(
-                    [
-                        selection.take(self._query_gradients(X, y, rank))
-                        for _, _, X, y in query_blocks
-                    ],
-                    axis=1,
-                )
+                S = self._held_queries(query_blocks, selection, rank)
             blocks = [
-                self._pair_block(S, selection.take(self.gradients(X, y)), per_layer, selection)
+                self._pair_block(S, self.gradients(X, y), per_layer, selection)
                 for _, _, X, y in examples
             ]
             row.append(self._assemble(blocks, per_layer, selection))
@@ -337,10 +333,20 @@ class InfluenceScorer:
             blocks.append(self._self_block(R, selection.take(G), per_layer, selection))
         return self._assemble(blocks, per_layer, selection)
 
-    def _query_gradients(self, X: Any, y: Any, rank: int | None) -> Any:
-        """Preconditioned gradients of a block of queries, in low rank for a ``rank``."""
-        S = self._precondition(self.gradients(X, y))
-        return S if rank is None else low_rank_queries(self, S, rank)
+    def _held_queries(self, query_blocks: list, selection: _Selection, rank: int | None) -> Any:
+        """A query partition's preconditioned gradients: ``(P_selected, T)``, or their factors."""
+        if rank is None:
+            S = [
+                selection.take(self._precondition(self.gradients(X, y)))
+                for *_, X, y in query_blocks
+            ]
+            return self._concat(S, axis=1)
+        return LowRankQueries.concat(
+            [
+                LowRankQueries(self, self._precondition(self.gradients(X, y)), rank)
+                for *_, X, y in query_blocks
+            ]
+        )
 
     def per_token_scores(self, query_data: Iterable, train_data: Iterable) -> Any:
         r"""Scores ``(T, N, S)`` of each token of ``N`` training sequences (kronfluence's).
@@ -362,6 +368,12 @@ class InfluenceScorer:
         return self._concat(blocks, axis=1)
 
     def _pair_block(self, S: Any, G: Any, per_layer: bool, selection: _Selection) -> Any:
+        if isinstance(S, LowRankQueries):
+            totals = S.scores(G, selection.names)
+            if per_layer:
+                return [totals[layer] for layer in selection.names]
+            return sum(totals[layer] for layer in selection.names)
+        G = selection.take(G)
         if not per_layer:
             return S.T @ G
         return [
@@ -411,14 +423,19 @@ class InfluenceScorer:
             )
         return _Selection(self, [name for name in self.layer_names if name in names])
 
-    def _query_partition_size(self, selection: _Selection, memory_budget: Any) -> int | None:
+    def _query_partition_size(
+        self, selection: _Selection, memory_budget: Any, rank: int | None = None
+    ) -> int | None:
         """Query gradient blocks per partition: all, or as many as ``memory_budget`` holds."""
         if memory_budget is None:
             return None
         budget, available = resolve_budget(memory_budget, self.backend.device)
         itemsize = np.dtype(self.backend.dtype).itemsize
         P, chunk = int(self._offsets[-1]), self._gradients.chunk
-        block = selection.size * chunk * itemsize  # one block of preconditioned query gradients
+        per_query = selection.size * itemsize  # preconditioned query gradients, held
+        if rank is not None:  # their low-rank factors
+            per_query = held_bytes_per_query(self, rank, selection.names, itemsize)
+        block = per_query * chunk
         parts = {
             "gradient and preconditioner blocks (3 x P x examples_per_pass)": 3
             * P

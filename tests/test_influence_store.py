@@ -156,3 +156,33 @@ def test_jax_factors_and_scores_round_trip(tmp_path: object) -> None:
     assert list(loaded) == list(scores) and settings == {"backend": "jax"}
     for layer, value in scores.items():
         np.testing.assert_array_equal(loaded[layer], np.asarray(value))
+
+
+def test_low_rank_queries_hold_their_factors_only() -> None:
+    """Rank 1: a ``(d_out, d_in)`` block of a query is held as ``d_out + d_in`` numbers."""
+    from curvlinops._influence_low_rank import LowRankQueries, held_bytes_per_query
+
+    model, train, query = _problem()
+    scorer = _scorer(model, _ekfac(model, train), examples_per_pass=1)
+    per_layer = scorer.pairwise_scores(query, train, per_layer=True, query_rank=1)
+    total = scorer.pairwise_scores(query, train, query_rank=1)
+    torch.testing.assert_close(sum(per_layer.values()), total, rtol=1e-13, atol=1e-15)
+    for layer in scorer.layer_names:
+        alone = scorer.pairwise_scores(query, train, layers=[layer], query_rank=1)
+        torch.testing.assert_close(alone, per_layer[layer], rtol=1e-13, atol=1e-15)
+    held = LowRankQueries(scorer, scorer.preconditioned_gradients(query), 1).held
+    shapes = [
+        tuple(a.shape)
+        for _, value in held
+        for a in (value if isinstance(value, tuple) else [value])
+    ]
+    assert shapes == [(3, 5, 1), (3, 1, 4), (5, 1, 3), (3, 3, 1), (3, 1, 5), (3, 1, 3)]
+    P, itemsize = 43, 8
+    held_per_query = held_bytes_per_query(scorer, 1, scorer.layer_names, itemsize)
+    assert held_per_query == (5 + 4 + 5 + 3 + 5 + 3) * itemsize < P * itemsize
+    budget = 3 * P * itemsize + 2 * held_per_query  # two low-rank queries, one dense
+    selection = scorer._selection(None)
+    assert scorer._query_partition_size(selection, budget, 1) == 2
+    assert scorer._query_partition_size(selection, budget) == 1
+    partitioned = scorer.pairwise_scores(query, train, memory_budget=budget, query_rank=1)
+    torch.testing.assert_close(partitioned, total, rtol=1e-13, atol=1e-15)
