@@ -77,23 +77,31 @@ def captured_gradients(scorer: Any, K: Any, X: Any, y: Any) -> Any:
 
     A linear layer's weight gradient of example :math:`n` is
     :math:`\sum_s g_{ns} a_{ns}^\top`, a batched product of the captured
-    output gradients and inputs (the bias: :math:`\sum_s g_{ns}`); the
-    parameters' layout is KFAC's (``blockwise``).
+    output gradients and inputs, formed in the parameter's own layout (a
+    ``Conv1D``'s ``(d_in, d_out)``: :math:`\sum_s a_{ns} g_{ns}^\top`); the
+    bias: :math:`\sum_s g_{ns}`. The rows are gathered as ``(n, P)`` (one
+    copy) and returned transposed.
     """
     xp = scorer.backend.xp
     inputs, gradients, n = _captures(scorer, K, X, y)
-
-    def example_blocks(name: str, part: str, M: Any) -> Any:
+    shapes = scorer.backend.param_shapes
+    pieces: list[Any] = [None] * len(shapes)
+    for name, parts in K._mapping.items():
         g = gradients[name][0]  # (n, S, d_out)
-        if part == "bias":
-            return xp.permute_dims(xp.sum(g, axis=1), (1, 0))[:, None, :]
-        a = inputs[name]
-        if part == "joint":
-            a = xp.concat([a, xp.ones_like(a[..., :1])], axis=-1)
-        return xp.permute_dims(xp.matrix_transpose(g) @ a, (1, 2, 0))  # (d_out, d_in, n)
-
-    P = int(scorer._offsets[-1])
-    return K._program.blockwise(scorer.backend.zeros((P, n)), example_blocks)
+        for part, position in parts.items():
+            if part == "bias":
+                pieces[position] = xp.sum(g, axis=1)
+                continue
+            layout = K._program.weight_layout(name)
+            a = inputs[name]
+            if layout == (1, 0):  # stored (d_in, d_out)
+                pieces[position] = xp.reshape(xp.matrix_transpose(a) @ g, (n, -1))
+                continue
+            block = xp.matrix_transpose(g) @ a  # (n, d_out, d_in...), axes in layout order
+            permuted = xp.reshape(block, (n, *(shapes[position][axis] for axis in layout)))
+            inverse = tuple(1 + layout.index(axis) for axis in range(len(layout)))
+            pieces[position] = xp.reshape(xp.permute_dims(permuted, (0, *inverse)), (n, -1))
+    return xp.concat(pieces, axis=1).T
 
 
 def token_scores(scorer: Any, K: Any, pieces: dict, X: Any, y: Any) -> Any:
