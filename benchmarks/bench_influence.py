@@ -118,19 +118,38 @@ def _summed_loss(problem: dict, logits: torch.Tensor, targets: torch.Tensor) -> 
     return nn.functional.cross_entropy(logits, targets, reduction="sum")
 
 
-def _gradient_pass(problem: dict) -> float:
-    """Seconds of one forward and backward pass over the training data (plain PyTorch)."""
+def _gradient_pass(problem: dict) -> dict[str, float]:
+    """Wall and CPU seconds of one forward and backward pass over the training data (PyTorch)."""
     model, (X, y) = problem["model"], problem["train"]
-    start = time.perf_counter()
+    clock = Clock()
     for Xb, yb in zip(torch.split(X, BATCH), torch.split(y, BATCH)):
         grads = torch.autograd.grad(
             _summed_loss(problem, model(Xb), yb), list(problem["params"].values())
         )
     del grads
-    return time.perf_counter() - start
+    clock.lap("pass")
+    return clock.times
 
 
 # --- contenders ---------------------------------------------------------------------
+class Clock:
+    """Wall and CPU seconds of consecutive phases: ``times[phase]``, ``times["cpu_" + phase]``.
+
+    The process's CPU time is what a loaded machine changes least (a pinned
+    process waits for its core while others run there: wall time grows, CPU
+    time does not).
+    """
+
+    def __init__(self) -> None:
+        self.times: dict[str, float] = {}
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+
+    def lap(self, phase: str) -> None:
+        wall, cpu = time.perf_counter(), time.process_time()
+        self.times[phase], self.times[f"cpu_{phase}"] = wall - self._wall, cpu - self._cpu
+        self._wall, self._cpu = wall, cpu
+
+
 def run_ours(
     problem: dict, cache_memory: float = CACHE_MEMORY
 ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
@@ -142,8 +161,7 @@ def run_ours(
     X, y = problem["train"]
     data = list(zip(torch.split(X, BATCH), torch.split(y, BATCH)))
     loss = losses.CrossEntropyLoss(reduction="sum", class_axis=-1)
-    times = {}
-    start = time.perf_counter()
+    clock = Clock()
     E = EKFACLinearOperator(
         model,
         loss,
@@ -154,8 +172,7 @@ def run_ours(
         check_deterministic=False,
     )
     fit_ekfac(E, cache_memory=cache_memory)
-    times["factors"] = time.perf_counter() - start
-    start = time.perf_counter()
+    clock.lap("factors")
     scorer = InfluenceScorer(
         E,
         model,
@@ -166,18 +183,19 @@ def run_ours(
         examples_per_pass=BATCH,
     )
     pairwise = scorer.pairwise_scores([problem["query"]], data)
-    times["pairwise"] = time.perf_counter() - start
-    start = time.perf_counter()
+    clock.lap("pairwise")
     self_scores = scorer.self_scores(data)
-    times["self"] = time.perf_counter() - start
-    return times, {"pairwise": pairwise.detach().numpy(), "self": self_scores.detach().numpy()}
+    clock.lap("self")
+    return clock.times, {
+        "pairwise": pairwise.detach().numpy(),
+        "self": self_scores.detach().numpy(),
+    }
 
 
 def run_kronfluence(problem: dict) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     from benchmarks.kronfluence_runner import KronfluenceContender, tensor_dataset
 
     dtype = next(problem["model"].parameters()).dtype
-    times = {}
     with tempfile.TemporaryDirectory() as folder:
         modules = sorted({name.rpartition(".")[0] for name in problem["params"]})
         contender = KronfluenceContender(
@@ -188,16 +206,14 @@ def run_kronfluence(problem: dict) -> tuple[dict[str, float], dict[str, np.ndarr
             modules=modules,
         )
         train, query = tensor_dataset(*problem["train"]), tensor_dataset(*problem["query"])
-        start = time.perf_counter()
+        clock = Clock()
         contender.fit_factors(train, BATCH)
-        times["factors"] = time.perf_counter() - start
-        start = time.perf_counter()
+        clock.lap("factors")
         pairwise = contender.pairwise_scores(query, train, BATCH, None)["all_modules"]
-        times["pairwise"] = time.perf_counter() - start
-        start = time.perf_counter()
+        clock.lap("pairwise")
         self_scores = contender.self_scores(train, BATCH, None)["all_modules"]
-        times["self"] = time.perf_counter() - start
-    return times, {"pairwise": pairwise.numpy(), "self": self_scores.numpy()}
+        clock.lap("self")
+    return clock.times, {"pairwise": pairwise.numpy(), "self": self_scores.numpy()}
 
 
 def run_one(args: argparse.Namespace) -> None:
@@ -225,7 +241,8 @@ def run_one(args: argparse.Namespace) -> None:
         "n_train": len(problem["train"][0]),
         "n_query": len(problem["query"][0]),
         "parameters": sum(p.numel() for p in problem["params"].values()),
-        "gradient_pass_s": reference,
+        "gradient_pass_s": reference["pass"],
+        "gradient_pass_cpu_s": reference["cpu_pass"],
         "times_s": times,
         "cold_times_s": cold,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -269,8 +286,9 @@ def format_tables(rows: list[dict]) -> str:
     lines = [
         "| problem | dtype | contender | factors s | pairwise s | self s | "
         "factors+pairwise / grad pass | kronfluence's factors+pairwise / this | "
-        "cold factors+pairwise s | peak RSS MB | load |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "CPU s: factors, pairwise | CPU: factors+pairwise / grad pass | "
+        "CPU: kronfluence's / this | cold factors+pairwise s | peak RSS MB | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     agreement = [
         "| problem | dtype | pairwise: max diff / max score | self: max diff / max score |",
@@ -284,10 +302,17 @@ def format_tables(rows: list[dict]) -> str:
             speedup = (kronfluence["factors"] + kronfluence["pairwise"]) / (
                 t["factors"] + t["pairwise"]
             )
+            cpu = t.get("cpu_factors", np.nan) + t.get("cpu_pairwise", np.nan)
+            cpu_ratio = cpu / r.get("gradient_pass_cpu_s", np.nan)
+            cpu_speedup = (
+                kronfluence.get("cpu_factors", np.nan) + kronfluence.get("cpu_pairwise", np.nan)
+            ) / cpu
             lines.append(
                 f"| {r['problem']} (N={r['n_train']}, T={r['n_query']}, P={r['parameters']:,}) "
                 f"| {r['dtype']} | {contender} | {t['factors']:.2f} | {t['pairwise']:.2f} | "
                 f"{t['self']:.2f} | {ratio:.1f} | {speedup:.2f} | "
+                f"{t.get('cpu_factors', np.nan):.2f}, {t.get('cpu_pairwise', np.nan):.2f} | "
+                f"{cpu_ratio:.1f} | {cpu_speedup:.2f} | "
                 f"{r['cold_times_s']['factors'] + r['cold_times_s']['pairwise']:.2f} | "
                 f"{r['peak_rss_mb']:.0f} | {r['loadavg']:.1f} |"
             )
