@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_influence_store import _problem as store_problem
 
 from curvlinops import EKFACLinearOperator, KFACLinearOperator, losses
 from curvlinops.influence_factors import fit_ekfac
@@ -14,10 +15,8 @@ BATCHES = (4, 3, 3)  # three batches of sequences
 
 
 def _problem() -> tuple:
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)
-    ).double()
+    """The MLP of test_influence_store on sequences of 6 tokens, in three batches."""
+    model, _, _ = store_problem()
     generator = torch.Generator().manual_seed(1)
     X = torch.randn(sum(BATCHES), 6, 4, generator=generator, dtype=torch.float64)
     y = torch.randint(0, 3, (sum(BATCHES), 6), generator=generator)
