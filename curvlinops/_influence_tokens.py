@@ -34,17 +34,19 @@ def kfac_of(curvature: Any) -> Any:
     return K
 
 
-def capturing_kfac(curvature: Any, model_func: Any, b: Any) -> Any:
+def capturing_kfac(curvature: Any, model_func: Any, b: Any, loss: Any) -> Any:
     """The PyTorch KFAC/EK-FAC behind ``curvature`` if its capture sees ``model_func``'s layers.
 
     Its layer capture then gives per-example gradients in one batched pass
     (:func:`captured_gradients`); JAX compiles its ``vmap`` of gradients
-    instead, and other curvatures have no capture (``None``).
+    instead, and other curvatures have no capture (``None``), nor losses
+    whose examples are coupled (a weighted mean).
     """
     from curvlinops.kfac import KFACInverseLinearOperator, KFACLinearOperator
 
     K = curvature._A if isinstance(curvature, KFACInverseLinearOperator) else curvature
-    if not isinstance(K, KFACLinearOperator) or b.name != "torch":
+    coupled = getattr(loss, "weighted_mean", False) and loss.reduction == "mean"
+    if not isinstance(K, KFACLinearOperator) or b.name != "torch" or coupled:
         return None
     same_model = getattr(K._capture, "_model", None) is model_func
     return K if same_model and K.backend.param_names == b.param_names else None

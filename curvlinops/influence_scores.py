@@ -154,7 +154,7 @@ class InfluenceScorer:
         self._layers = layers_of(curvature, b)
         self.layer_names = list(self._layers)
         self._gradients = _PerExampleGradients(b, b.loss(loss_func), examples_per_pass)
-        self._capturing = capturing_kfac(curvature, model_func, b)
+        self._capturing = capturing_kfac(curvature, model_func, b, self._gradients.loss)
         self._precondition, self.damping_per_layer = preconditioner(
             curvature, self, damping, tol, maxiter
         )
