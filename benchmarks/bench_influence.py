@@ -1,13 +1,16 @@
 """EK-FAC influence, this library against kronfluence 1.0.1: factors, pairwise and self scores.
 
-    python -m benchmarks.bench_influence                 # both contenders, both problems
+    python -m benchmarks.bench_influence                 # every contender, both problems
     python -m benchmarks.bench_influence --contender ours --problem gpt2 --out x.json
 
 Each contender runs in a process of its own, one thread, pinned to one core
 and serialised with the other benchmarks (``flock /tmp/bench.lock taskset -c
 1``). Equal settings: EK-FAC, empirical Fisher (the data's targets, so that
 both see the same gradients), kronfluence's heuristic damping, the same
-weights, data, batch size and dtype. Problems:
+weights, data, batch size and dtype. Ours computes the factors with
+``fit_ekfac`` keeping the factor pass's layer captures within ``CACHE_MEMORY``
+bytes for the correction pass (``ours``), or none (``ours-no-cache``), and
+the per-example gradients of the scores from KFAC's layer capture. Problems:
 
 * ``gpt2``: the model of ``examples/influence_gpt2.py`` (a 2-layer, width-64
   Hugging Face GPT-2, random weights from a seed), passages of 64 characters
@@ -19,11 +22,13 @@ weights, data, batch size and dtype. Problems:
 
 Each contender runs twice in its process; the second run's times are reported
 (the first, with the warm-up of PyTorch and of the library, is kept as
-``cold_times_s``). Each process also times one forward and backward pass over the training data
-with plain PyTorch (the same model, summed loss): the ratios to it are what
-compare across loaded machines. Peak memory is the process's maximum resident
-set. Both contenders' scores are saved; the driver prints their agreement
-(largest difference over the largest score).
+``cold_times_s``), in wall and in CPU seconds (the process's CPU time, which
+the load changes least). Each process also times one forward and backward
+pass over the training data with plain PyTorch (the same model, summed loss):
+the ratios to it are what compare across loaded machines. Peak memory is the
+process's maximum resident set, beside the one before the contender ran (the
+problem and the plain gradient passes). The contenders' scores are saved;
+the driver prints their agreement (largest difference over the largest score).
 """
 
 from __future__ import annotations
@@ -226,6 +231,7 @@ def run_one(args: argparse.Namespace) -> None:
         problem = _digits_problem(args.n_query, dtype)
     _gradient_pass(problem)  # warm-up
     reference = _gradient_pass(problem)
+    baseline_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     runners = {
         "ours": run_ours,
         "ours-no-cache": lambda problem: run_ours(problem, cache_memory=0),
@@ -246,6 +252,7 @@ def run_one(args: argparse.Namespace) -> None:
         "times_s": times,
         "cold_times_s": cold,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "baseline_rss_mb": baseline_rss,  # the problem and plain PyTorch's gradient passes
         "loadavg": os.getloadavg()[0],
     }
     Path(args.out).write_text(json.dumps(result, indent=1))
@@ -287,7 +294,7 @@ def format_tables(rows: list[dict]) -> str:
         "| problem | dtype | contender | factors s | pairwise s | self s | "
         "factors+pairwise / grad pass | kronfluence's factors+pairwise / this | "
         "CPU s: factors, pairwise | CPU: factors+pairwise / grad pass | "
-        "CPU: kronfluence's / this | cold factors+pairwise s | peak RSS MB | load |",
+        "CPU: kronfluence's / this | cold factors+pairwise s | peak RSS MB (before) | load |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     agreement = [
@@ -314,7 +321,8 @@ def format_tables(rows: list[dict]) -> str:
                 f"{t.get('cpu_factors', np.nan):.2f}, {t.get('cpu_pairwise', np.nan):.2f} | "
                 f"{cpu_ratio:.1f} | {cpu_speedup:.2f} | "
                 f"{r['cold_times_s']['factors'] + r['cold_times_s']['pairwise']:.2f} | "
-                f"{r['peak_rss_mb']:.0f} | {r['loadavg']:.1f} |"
+                f"{r['peak_rss_mb']:.0f} ({r.get('baseline_rss_mb', np.nan):.0f}) | "
+                f"{r['loadavg']:.1f} |"
             )
         ours, theirs = results["ours"]["scores"], results["kronfluence"]["scores"]
         differences = [
