@@ -9,8 +9,10 @@ and serialised with the other benchmarks (``flock /tmp/bench.lock taskset -c
 both see the same gradients), kronfluence's heuristic damping, the same
 weights, data, batch size and dtype. Ours computes the factors with
 ``fit_ekfac`` keeping the factor pass's layer captures within ``CACHE_MEMORY``
-bytes for the correction pass (``ours``), or none (``ours-no-cache``), and
-the per-example gradients of the scores from KFAC's layer capture. Problems:
+bytes for the correction pass and the training gradients of the pairwise
+scores (``ours``: empirical Fisher of a summed loss, so the captured output
+gradients are each example's own), or none (``ours-no-cache``); per-example
+gradients not kept come from KFAC's layer capture. Problems:
 
 * ``gpt2``: the model of ``examples/influence_gpt2.py`` (a 2-layer, width-64
   Hugging Face GPT-2, random weights from a seed), passages of 64 characters
@@ -53,7 +55,8 @@ ROOT = Path(__file__).resolve().parents[1]
 BATCH = 64
 CACHE_MEMORY = 300e6
 """Bytes ours may keep of the factor pass's layer inputs and output gradients for the
-correction pass (``fit_ekfac``'s ``cache_memory``): the GPT-2's 512 passages take 268 MB."""
+correction pass and the pairwise scores (``fit_ekfac``'s ``cache_memory``): the GPT-2's
+512 passages take 268 MB."""
 CONTENDERS = ("ours", "ours-no-cache", "kronfluence")
 """``ours-no-cache``: ours without kept captures (``cache_memory=0``), the memory of
 ``compute_eigenvalue_correction``."""
@@ -176,7 +179,7 @@ def run_ours(
         separate_weight_and_bias=False,
         check_deterministic=False,
     )
-    fit_ekfac(E, cache_memory=cache_memory)
+    kept = fit_ekfac(E, cache_memory=cache_memory, keep_captures=cache_memory > 0)
     clock.lap("factors")
     scorer = InfluenceScorer(
         E,
@@ -187,7 +190,8 @@ def run_ours(
         curvature_scale=1 / len(X),
         examples_per_pass=BATCH,
     )
-    pairwise = scorer.pairwise_scores([problem["query"]], data)
+    pairwise = scorer.pairwise_scores([problem["query"]], data, train_captures=kept)
+    del kept  # the kept captures: cache_memory up to here
     clock.lap("pairwise")
     self_scores = scorer.self_scores(data)
     clock.lap("self")

@@ -84,8 +84,13 @@ def captured_gradients(scorer: Any, K: Any, X: Any, y: Any) -> Any:
     bias: :math:`\sum_s g_{ns}`. The rows are gathered as ``(n, P)`` (one
     copy) and returned transposed.
     """
-    xp = scorer.backend.xp
     inputs, gradients, n = _captures(scorer, K, X, y)
+    return gradients_from_captures(scorer, K, inputs, gradients, n)
+
+
+def gradients_from_captures(scorer: Any, K: Any, inputs: dict, gradients: dict, n: int) -> Any:
+    """``(P, n)`` per-example gradients from layer inputs and per-example output gradients."""
+    xp = scorer.backend.xp
     shapes = scorer.backend.param_shapes
     pieces: list[Any] = [None] * len(shapes)
     for name, parts in K._mapping.items():

@@ -32,7 +32,7 @@ from curvlinops._checks import check_positive_int, type_error, value_error
 from curvlinops.influence_store import SUFFIX, _check_same, _factor_settings, _read, _write
 from curvlinops.kfac import EKFACLinearOperator, _forget_closed_forms, _nest_corrections
 
-__all__ = ["fit_ekfac"]
+__all__ = ["KeptCaptures", "fit_ekfac"]
 
 
 def fit_ekfac(
@@ -41,7 +41,8 @@ def fit_ekfac(
     cache_memory: float = 0,
     output_dir: Any = None,
     batches_per_partition: int = 1,
-) -> None:
+    keep_captures: bool = False,
+) -> KeptCaptures | None:
     """Compute an EK-FAC operator's factors and corrected eigenvalues (see the module).
 
     Args:
@@ -51,10 +52,20 @@ def fit_ekfac(
             gradients, kept for the second pass (``0``: none kept).
         output_dir: A folder for the partitions' sums (resuming a run), or ``None``.
         batches_per_partition: Batches per saved partition (with ``output_dir``).
+        keep_captures: Return the kept captures (those within ``cache_memory``)
+            after the correction, for the scores of the same training data
+            (``InfluenceScorer.pairwise_scores(..., train_captures=)``): with
+            ``fisher_type="empirical"`` and a summed loss, they hold each
+            example's own gradients. They take ``cache_memory`` until dropped.
+
+    Returns:
+        The :class:`KeptCaptures` with ``keep_captures``, else ``None``.
     """
     E = _check_ekfac(curvature)
     budget = _check_bytes(cache_memory)
     size = check_positive_int(batches_per_partition, "batches_per_partition")
+    if keep_captures:
+        _check_keepable(E)
     store = None if output_dir is None else _PartitionStore(output_dir, E, size)
     cache: dict[int, Any] = {}
     inputs, gradients = _covariances(E, size, store, cache, budget)
@@ -65,11 +76,12 @@ def fit_ekfac(
     eigenvectors = E._run("eigenvectors")
     E._input_covariances_eigenvectors = eigenvectors(inputs)
     E._gradient_covariances_eigenvectors = eigenvectors(gradients)
-    corrections = _corrections(E, size, store, cache)
+    corrections = _corrections(E, size, store, cache, keep_captures)
     if E._comm.world_size > 1:
         corrections = E._sum_corrections_over_processes(corrections)
     E._corrected_eigenvalues = _nest_corrections(corrections, E._mapping, E._is_joint)
     _forget_closed_forms(E)
+    return KeptCaptures(E, cache) if keep_captures else None
 
 
 def _covariances(
@@ -91,7 +103,7 @@ def _covariances(
                     _add(total, batch)
                 size = _nbytes(captures)
                 if kept + size <= budget:
-                    cache[index], kept = captures, kept + size
+                    cache[index], kept = (captures, X, y), kept + size
             if store is not None:
                 store.put("covariances", part, sums)
         for total, partial in zip(totals, sums):
@@ -99,7 +111,9 @@ def _covariances(
     return totals
 
 
-def _corrections(E: EKFACLinearOperator, size: int, store: Any, cache: dict) -> dict:
+def _corrections(
+    E: EKFACLinearOperator, size: int, store: Any, cache: dict, keep: bool = False
+) -> dict:
     """The second pass: each partition's corrections, from kept captures where there are."""
     Q_A, Q_G = E._input_covariances_eigenvectors, E._gradient_covariances_eigenvectors
     keys = E._program.correction_keys()
@@ -111,7 +125,8 @@ def _corrections(E: EKFACLinearOperator, size: int, store: Any, cache: dict) -> 
             continue
         sums: dict = {}
         for index, X, y, n in batches:
-            captures = cache.pop(index, None) or _captures(E, index, X, y, n)
+            kept = cache.get(index) if keep else cache.pop(index, None)
+            captures = kept[0] if kept is not None else _captures(E, index, X, y, n)
             if captures is not None:
                 _add(sums, dict(zip(keys, correct(*captures, Q_A, Q_G))))
         if store is not None:
@@ -126,6 +141,67 @@ def _captures(E: EKFACLinearOperator, index: int, X: Any, y: Any, n: int) -> Any
         return None
     E._capture.prepare(X)  # JAX: trace the model outside the compiled function
     return E._run("batch_captures")(E.backend.primals, X, y, E._noise(index, X), E._weight(n))
+
+
+class KeptCaptures:
+    """The factor pass's layer inputs and per-example output gradients of training batches.
+
+    From :func:`fit_ekfac` with ``keep_captures=True``; passed as
+    ``train_captures`` to
+    :meth:`~curvlinops.influence_scores.InfluenceScorer.pairwise_scores`, a
+    kept batch's per-example gradients are formed from them (a batched
+    product per layer) instead of a forward and backward pass of the model.
+    Each kept batch is checked to be the one scored (the same inputs and
+    targets). Drop the object to free its memory.
+    """
+
+    def __init__(self, E: EKFACLinearOperator, batches: dict[int, Any]) -> None:
+        self.operator, self.batches = E, batches
+
+    def gradients(self, scorer: Any, index: int, start: int, X: Any, y: Any) -> Any:
+        """``(P, n)`` gradients of rows ``start:start + n`` of batch ``index``, or ``None``."""
+        from curvlinops._influence_tokens import gradients_from_captures
+
+        if index not in self.batches:
+            return None
+        (inputs, gradients, _), X_kept, y_kept = self.batches[index]
+        b, n = scorer.backend, y.shape[0]
+        rows = slice(start, start + n)
+        if not (b.equal(X_kept[rows], X) and b.equal(y_kept[rows], y)):
+            raise value_error(
+                "train_captures",
+                f"captures of the training data scored (batch {index})",
+                "captures of other inputs or targets",
+                "Pass the data fit_ekfac ran on, in the same batches, as train_data.",
+            )
+        inputs = {name: a[rows] for name, a in inputs.items()}
+        gradients = {name: g[:, rows] for name, g in gradients.items()}
+        return gradients_from_captures(scorer, self.operator, inputs, gradients, n)
+
+    def check_scorer(self, scorer: Any) -> None:
+        """Raise unless ``scorer`` differentiates the same loss of the same parameters."""
+        E, loss = self.operator, scorer._gradients.loss
+        same_loss = type(loss) is type(E._loss) and loss.reduction == E._loss.reduction
+        same_params = scorer.backend.param_names == E.backend.param_names
+        if not (same_loss and same_params and scorer._capturing is E):
+            raise value_error(
+                "train_captures",
+                "captures of the scorer's own EK-FAC curvature, loss and parameters",
+                f"those of {type(E._loss).__name__}(reduction={E._loss.reduction!r})",
+                "Score with the EKFACLinearOperator fit_ekfac ran on, and its loss.",
+            )
+
+
+def _check_keepable(E: EKFACLinearOperator) -> None:
+    """Kept captures are per-example gradients for an empirical Fisher of a summed loss."""
+    if E._fisher_type.value != "empirical" or E._loss.reduction != "sum":
+        raise value_error(
+            "keep_captures",
+            "an EK-FAC of fisher_type='empirical' and a loss of reduction='sum' (its captured "
+            "output gradients are then each example's own)",
+            f"fisher_type={E._fisher_type.value!r}, reduction={E._loss.reduction!r}",
+            "Leave keep_captures=False (the scores then run the model on the training data).",
+        )
 
 
 def _add(totals: dict, values: dict) -> None:

@@ -232,6 +232,7 @@ class InfluenceScorer:
         memory_budget: float | None = None,
         output_dir: Any = None,
         query_rank: int | None = None,
+        train_captures: Any = None,
     ) -> Any:
         """Scores ``(T, N)`` of ``T`` query against ``N`` training examples.
 
@@ -261,10 +262,16 @@ class InfluenceScorer:
                 exceed it. Only the factors are held (``r (d_out + d_in)``
                 numbers a block and query, not ``d_out d_in``); scoring a block
                 of training gradients then takes ``r`` times the products.
+            train_captures: The :class:`~curvlinops.influence_factors.KeptCaptures`
+                of ``fit_ekfac(curvature, keep_captures=True)`` on ``train_data``:
+                the training gradients of the batches kept there are formed
+                from them, without running the model.
 
         Returns:
             A native ``(T, N)`` array, or a dict of them per layer.
         """
+        if train_captures is not None:
+            train_captures.check_scorer(self)
         selection = self._selection(layers)
         rank = None if query_rank is None else check_positive_int(query_rank, "query_rank")
         size = self._query_partition_size(selection, memory_budget, rank)
@@ -281,7 +288,9 @@ class InfluenceScorer:
             }
             store = ScoreBlockStore(output_dir, "pairwise", settings, self.backend)
         rows = [
-            self._pairwise_row(part, query_blocks, train_data, per_layer, selection, store, rank)
+            self._pairwise_row(
+                part, query_blocks, train_data, per_layer, selection, store, rank, train_captures
+            )
             for part, query_blocks in enumerate(_partitions(self.example_blocks(query_data), size))
         ]
         return self._assemble(rows, per_layer, selection, axis=0)
@@ -295,6 +304,7 @@ class InfluenceScorer:
         selection: _Selection,
         store: Any,
         rank: int | None,
+        kept: Any,
     ) -> Any:
         """One query partition's scores against all training batches (saved batch by batch)."""
         S, row = None, []
@@ -305,10 +315,12 @@ class InfluenceScorer:
                 continue
             if S is None:  # computed only where a block is missing
                 S = self._held_queries(query_blocks, selection, rank)
-            blocks = [
-                self._pair_block(S, self.gradients(X, y), per_layer, selection)
-                for _, _, X, y in examples
-            ]
+            blocks, start = [], 0
+            for _, n, X, y in examples:
+                G = None if kept is None else kept.gradients(self, index, start, X, y)
+                G = self.gradients(X, y) if G is None else G
+                blocks.append(self._pair_block(S, G, per_layer, selection))
+                start += n
             row.append(self._assemble(blocks, per_layer, selection))
             if store is not None:
                 store.put(part, index, row[-1])

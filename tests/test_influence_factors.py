@@ -126,3 +126,28 @@ def test_bad_arguments_are_refused() -> None:
         fit_ekfac(E, batches_per_partition=0)
     with pytest.raises(TypeError, match="output_dir.*folder path"):
         fit_ekfac(E, output_dir=3)
+
+
+def test_kept_captures_give_the_training_gradients_of_the_scores() -> None:
+    from curvlinops.influence_scores import InfluenceScorer
+
+    model, data = _problem()
+    query = [(data[1][0][:2], data[1][1][:2])]
+    loss = losses.CrossEntropyLoss(reduction="sum", class_axis=-1)
+    E = _ekfac(model, data)
+    kept = fit_ekfac(E, cache_memory=1e9, keep_captures=True)
+    scorer = InfluenceScorer(E, model, loss, list(model.parameters()), damping="heuristic")
+    expected = scorer.pairwise_scores(query, data, per_layer=True)
+    calls = _count_forwards(model)
+    scores = scorer.pairwise_scores(query, data, per_layer=True, train_captures=kept)
+    assert calls == [2]  # the queries only: no pass over the training data
+    model._forward_pre_hooks.clear()
+    for layer, value in expected.items():
+        torch.testing.assert_close(scores[layer], value, rtol=1e-13, atol=1e-15)
+    with pytest.raises(ValueError, match="train_captures.*captures of other inputs or targets"):
+        scorer.pairwise_scores(query, [data[1], data[0], data[2]], train_captures=kept)
+    mean_scorer = InfluenceScorer(E, model, losses.CrossEntropyLoss(), list(model.parameters()))
+    with pytest.raises(ValueError, match="train_captures.*scorer's own EK-FAC"):
+        mean_scorer.pairwise_scores(query, data, train_captures=kept)
+    with pytest.raises(ValueError, match="keep_captures.*fisher_type='mc'"):
+        fit_ekfac(_ekfac(model, data, fisher_type="mc"), keep_captures=True)
