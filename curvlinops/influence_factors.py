@@ -11,6 +11,12 @@ same numbers), with two options for large runs:
   model again: each kept batch saves a forward and a backward pass. Batches
   beyond the budget are recomputed. Default ``0``: nothing kept (the memory of
   :meth:`~curvlinops.EKFACLinearOperator.compute_eigenvalue_correction`).
+* ``keep_captures``: the kept captures are returned after the correction
+  (:class:`KeptCaptures`); for an empirical Fisher of a summed loss they hold
+  each example's own gradients, and the pairwise scores of the same training
+  data form their training gradients from them
+  (``InfluenceScorer.pairwise_scores(..., train_captures=)``): factors and
+  scores then run the model once over the training data.
 * ``output_dir``: the data are taken in partitions of ``batches_per_partition``
   batches; each partition's sums (its covariances, then its corrections) are
   saved when done (safetensors, with the settings), and a rerun with the same
