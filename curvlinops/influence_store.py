@@ -59,8 +59,7 @@ def _write(path: Path, arrays: dict[str, np.ndarray], settings: dict[str, Any]) 
         with open(temporary, "wb") as file:
             np.savez(file, **arrays, **{SETTINGS_KEY: np.array(text)})
     else:
-        from safetensors.numpy import save
-
+        save = _safetensors().numpy.save
         contiguous = {key: np.ascontiguousarray(value) for key, value in arrays.items()}
         temporary.write_bytes(save(contiguous, metadata={METADATA_KEY: text}))
     os.replace(temporary, path)
@@ -84,14 +83,26 @@ def _read(path: Any, argument: str) -> tuple[dict[str, np.ndarray], dict[str, An
     return arrays, json.loads(text)
 
 
-def _read_safetensors(path: Path, argument: str) -> tuple[dict[str, np.ndarray], str | None]:
-    from safetensors import SafetensorError, safe_open
-
+def _safetensors() -> Any:
+    """The safetensors package (with its numpy module), or an ImportError saying what to do."""
     try:
-        with safe_open(str(path), framework="numpy") as contents:
+        import safetensors
+        import safetensors.numpy  # noqa: F401
+    except ImportError as error:
+        raise ImportError(
+            "curvlinops.influence_store writes and reads safetensors files: pip install "
+            "'curvlinops[influence]' (safetensors), or give paths ending in .npz."
+        ) from error
+    return safetensors
+
+
+def _read_safetensors(path: Path, argument: str) -> tuple[dict[str, np.ndarray], str | None]:
+    safetensors = _safetensors()
+    try:
+        with safetensors.safe_open(str(path), framework="numpy") as contents:
             arrays = {key: contents.get_tensor(key) for key in contents.keys()}  # noqa: SIM118
             metadata = contents.metadata() or {}
-    except SafetensorError as error:
+    except safetensors.SafetensorError as error:
         raise value_error(
             argument, "a .safetensors or .npz file", f"{path} (unreadable: {error})"
         ) from error

@@ -3,6 +3,8 @@ factors and scores (curvlinops.influence_store)."""
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -186,3 +188,11 @@ def test_low_rank_queries_hold_their_factors_only() -> None:
     assert scorer._query_partition_size(selection, budget) == 1
     partitioned = scorer.pairwise_scores(query, train, memory_budget=budget, query_rank=1)
     torch.testing.assert_close(partitioned, total, rtol=1e-13, atol=1e-15)
+
+
+def test_without_safetensors_the_error_says_what_to_do(tmp_path, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "safetensors", None)  # as if not installed
+    with pytest.raises(ImportError, match=r"pip install 'curvlinops\[influence\]'.*\.npz"):
+        save_scores(tmp_path / "scores.safetensors", np.ones(3))
+    save_scores(tmp_path / "scores.npz", np.ones(3))  # .npz needs no safetensors
+    np.testing.assert_array_equal(load_scores(tmp_path / "scores.npz")[0], np.ones(3))
