@@ -211,6 +211,18 @@ class InfluenceScorer:
             return captured_gradients(self, self._capturing, X, y)
         return self._gradients._compiled(self.backend.primals, X, y)
 
+    def _training_gradients(self, data: Iterable, kept: Any, blocks: bool = False) -> Iterator[Any]:
+        """Gradient blocks of ``data``: the kept captures' where they hold the batch.
+
+        ``blocks``: ``data`` is already :meth:`example_blocks`' output.
+        """
+        start, previous = 0, None
+        for index, n, X, y in data if blocks else self.example_blocks(data):
+            start = 0 if index != previous else start
+            G = None if kept is None else kept.gradients(self, index, start, X, y)
+            yield self.gradients(X, y) if G is None else G
+            start, previous = start + n, index
+
     def gradient_blocks(self, data: Iterable) -> Iterator[Any]:
         """Per-example gradients of ``data``'s batches, in ``(P, examples_per_pass)`` blocks."""
         for _, _, X, y in self.example_blocks(data):
@@ -315,12 +327,10 @@ class InfluenceScorer:
                 continue
             if S is None:  # computed only where a block is missing
                 S = self._held_queries(query_blocks, selection, rank)
-            blocks, start = [], 0
-            for _, n, X, y in examples:
-                G = None if kept is None else kept.gradients(self, index, start, X, y)
-                G = self.gradients(X, y) if G is None else G
-                blocks.append(self._pair_block(S, G, per_layer, selection))
-                start += n
+            blocks = [
+                self._pair_block(S, G, per_layer, selection)
+                for G in self._training_gradients(examples, kept, blocks=True)
+            ]
             row.append(self._assemble(blocks, per_layer, selection))
             if store is not None:
                 store.put(part, index, row[-1])
@@ -332,15 +342,19 @@ class InfluenceScorer:
         *,
         per_layer: bool = False,
         layers: Iterable[str] | None = None,
+        train_captures: Any = None,
     ) -> Any:
         r"""Self-influence :math:`s_{ii}` ``(N,)`` of ``train_data``'s examples (or per layer).
 
-        ``layers`` restricts the scores to a layer partition's parameters (see
+        ``layers`` restricts the scores to a layer partition's parameters, and
+        ``train_captures`` gives the kept batches' gradients (see
         :meth:`pairwise_scores`).
         """
+        if train_captures is not None:
+            train_captures.check_scorer(self)
         selection = self._selection(layers)
         blocks = []
-        for G in self.gradient_blocks(train_data):
+        for G in self._training_gradients(train_data, train_captures):
             R = selection.take(self._precondition(G))
             blocks.append(self._self_block(R, selection.take(G), per_layer, selection))
         return self._assemble(blocks, per_layer, selection)

@@ -152,6 +152,16 @@ def test_kept_captures_give_the_training_gradients_of_the_scores() -> None:
     model._forward_pre_hooks.clear()
     for layer, value in expected.items():
         torch.testing.assert_close(scores[layer], value, rtol=1e-13, atol=1e-15)
+    calls = _count_forwards(model)
+    self_scores = scorer.self_scores(data, train_captures=kept)
+    assert calls == []
+    model._forward_pre_hooks.clear()
+    torch.testing.assert_close(self_scores, scorer.self_scores(data), rtol=1e-13, atol=1e-15)
+    in_pieces = InfluenceScorer(  # blocks of two examples: rows of the kept batches
+        E, model, loss, list(model.parameters()), damping="heuristic", examples_per_pass=2
+    )
+    pieces = in_pieces.pairwise_scores(query, data, train_captures=kept)
+    torch.testing.assert_close(pieces, sum(expected.values()), rtol=1e-13, atol=1e-14)
     with pytest.raises(ValueError, match="train_captures.*captures of other inputs or targets"):
         scorer.pairwise_scores(query, [data[1], data[0], data[2]], train_captures=kept)
     mean_scorer = InfluenceScorer(E, model, losses.CrossEntropyLoss(), list(model.parameters()))
