@@ -3,7 +3,7 @@ r"""EK-FAC's factors for influence, as kronfluence's ``fit_all_factors``: fewer 
 :func:`fit_ekfac` computes what
 :meth:`~curvlinops.EKFACLinearOperator.compute_eigenvalue_correction` computes
 (the Kronecker factors, their eigenvectors and the corrected eigenvalues, the
-same numbers), with two options for large runs:
+same numbers), with options for large runs:
 
 * ``cache_memory``: the layer inputs and output gradients of the first pass
   (the factors) are kept, batch by batch, while they fit in this many bytes,
@@ -68,6 +68,7 @@ def fit_ekfac(
         The :class:`KeptCaptures` with ``keep_captures``, else ``None``.
     """
     E = _check_ekfac(curvature)
+    b = E.backend
     budget = _check_bytes(cache_memory)
     size = check_positive_int(batches_per_partition, "batches_per_partition")
     if keep_captures:
@@ -79,6 +80,8 @@ def fit_ekfac(
         inputs, gradients = E._sum_over_processes(inputs, gradients)
     E._check_all_layers_called(inputs, gradients)
     E._input_covariances, E._gradient_covariances = inputs, gradients
+    if store is not None:  # corrections saved in a folder belong to these covariances
+        store.settings["covariance_total"] = repr(sum(_total(b, f) for f in (inputs, gradients)))
     eigenvectors = E._run("eigenvectors")
     E._input_covariances_eigenvectors = eigenvectors(inputs)
     E._gradient_covariances_eigenvectors = eigenvectors(gradients)
@@ -208,6 +211,10 @@ def _check_keepable(E: EKFACLinearOperator) -> None:
             f"fisher_type={E._fisher_type.value!r}, reduction={E._loss.reduction!r}",
             "Leave keep_captures=False (the scores then run the model on the training data).",
         )
+
+
+def _total(b: Any, arrays: dict) -> float:
+    return sum(float(b.to_numpy(value).sum()) for value in arrays.values())
 
 
 def _add(totals: dict, values: dict) -> None:

@@ -118,6 +118,10 @@ def test_an_interrupted_fit_resumes_from_its_partitions(tmp_path: object) -> Non
         fit_ekfac(_ekfac(model, data, fisher_type="mc"), output_dir=tmp_path)
     with pytest.raises(ValueError, match="output_dir.*batches_per_partition: 1 there, 2 here"):
         fit_ekfac(_ekfac(model, data), output_dir=tmp_path, batches_per_partition=2)
+    (tmp_path / "ekfac_covariances_partition1.safetensors").unlink()
+    other = [(X + 0.5, y) for X, y in data]  # recomputed on other data: other covariances
+    with pytest.raises(ValueError, match="output_dir.*covariance_total"):
+        fit_ekfac(_ekfac(model, other), output_dir=tmp_path, batches_per_partition=1)
 
 
 def test_bad_arguments_are_refused() -> None:
