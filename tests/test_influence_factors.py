@@ -56,7 +56,7 @@ def test_same_factors_as_compute_eigenvalue_correction(separate: bool) -> None:
         model._forward_pre_hooks.clear()
 
 
-def test_jax_same_factors_as_compute_eigenvalue_correction() -> None:
+def test_jax_same_factors_as_compute_eigenvalue_correction(tmp_path: object) -> None:
     pytest.importorskip("jax")
     from test_influence_scores import jax_twin
 
@@ -69,8 +69,11 @@ def test_jax_same_factors_as_compute_eigenvalue_correction() -> None:
     reference.compute_eigenvalue_correction()
     expected = _eigenvalues(reference)
     E = _ekfac(model_func, jax_data, p=params)
-    fit_ekfac(E, cache_memory=1e9)
+    fit_ekfac(E, cache_memory=1e9, output_dir=tmp_path)
     np.testing.assert_allclose(_eigenvalues(E), expected, rtol=0, atol=1e-14 * expected.max())
+    resumed = _ekfac(model_func, jax_data, p=params)
+    fit_ekfac(resumed, output_dir=tmp_path)  # every partition read back from its file
+    np.testing.assert_array_equal(_eigenvalues(resumed), _eigenvalues(E))
     for name, A in reference._input_covariances.items():  # the factors behind the eigenbases
         np.testing.assert_allclose(E._input_covariances[name], A, rtol=1e-14, atol=0)
         G = reference._gradient_covariances[name]
