@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from curvlinops._checks import check_positive_int, value_error
+from curvlinops._checks import check_positive_int, type_error, value_error
 from curvlinops._curvature import _check_data, _split_batch
 from curvlinops._influence_low_rank import LowRankQueries, held_bytes_per_query
 from curvlinops._influence_preconditioners import (
@@ -282,8 +282,7 @@ class InfluenceScorer:
         Returns:
             A native ``(T, N)`` array, or a dict of them per layer.
         """
-        if train_captures is not None:
-            train_captures.check_scorer(self)
+        self._check_captures(train_captures)
         selection = self._selection(layers)
         rank = None if query_rank is None else check_positive_int(query_rank, "query_rank")
         size = self._query_partition_size(selection, memory_budget, rank)
@@ -350,14 +349,27 @@ class InfluenceScorer:
         ``train_captures`` gives the kept batches' gradients (see
         :meth:`pairwise_scores`).
         """
-        if train_captures is not None:
-            train_captures.check_scorer(self)
+        self._check_captures(train_captures)
         selection = self._selection(layers)
         blocks = []
         for G in self._training_gradients(train_data, train_captures):
             R = selection.take(self._precondition(G))
             blocks.append(self._self_block(R, selection.take(G), per_layer, selection))
         return self._assemble(blocks, per_layer, selection)
+
+    def _check_captures(self, train_captures: Any) -> None:
+        """``None``, or kept captures of this scorer's curvature, loss and parameters."""
+        if train_captures is None:
+            return
+        from curvlinops.influence_factors import KeptCaptures
+
+        if not isinstance(train_captures, KeptCaptures):
+            raise type_error(
+                "train_captures",
+                "None or the KeptCaptures of fit_ekfac(curvature, keep_captures=True)",
+                train_captures,
+            )
+        train_captures.check_scorer(self)
 
     def _held_queries(self, query_blocks: list, selection: _Selection, rank: int | None) -> Any:
         """A query partition's preconditioned gradients: ``(P_selected, T)``, or their factors."""

@@ -174,5 +174,7 @@ def test_kept_captures_give_the_training_gradients_of_the_scores() -> None:
     mean_scorer = InfluenceScorer(E, model, losses.CrossEntropyLoss(), list(model.parameters()))
     with pytest.raises(ValueError, match="train_captures.*scorer's own EK-FAC"):
         mean_scorer.pairwise_scores(query, data, train_captures=kept)
+    with pytest.raises(TypeError, match="train_captures.*KeptCaptures"):
+        scorer.self_scores(data, train_captures={})
     with pytest.raises(ValueError, match="keep_captures.*fisher_type='mc'"):
         fit_ekfac(_ekfac(model, data, fisher_type="mc"), keep_captures=True)
