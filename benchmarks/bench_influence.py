@@ -1,13 +1,18 @@
 """EK-FAC influence, this library against kronfluence 1.0.1: factors, pairwise and self scores.
 
-    python -m benchmarks.bench_influence                 # both contenders, both problems
+    python -m benchmarks.bench_influence                 # every contender, both problems
     python -m benchmarks.bench_influence --contender ours --problem gpt2 --out x.json
 
 Each contender runs in a process of its own, one thread, pinned to one core
 and serialised with the other benchmarks (``flock /tmp/bench.lock taskset -c
 1``). Equal settings: EK-FAC, empirical Fisher (the data's targets, so that
 both see the same gradients), kronfluence's heuristic damping, the same
-weights, data, batch size and dtype. Problems:
+weights, data, batch size and dtype. Ours computes the factors with
+``fit_ekfac`` keeping the factor pass's layer captures within ``CACHE_MEMORY``
+bytes for the correction pass and the training gradients of the pairwise
+scores (``ours``: empirical Fisher of a summed loss, so the captured output
+gradients are each example's own), or none (``ours-no-cache``); per-example
+gradients not kept come from KFAC's layer capture. Problems:
 
 * ``gpt2``: the model of ``examples/influence_gpt2.py`` (a 2-layer, width-64
   Hugging Face GPT-2, random weights from a seed), passages of 64 characters
@@ -19,11 +24,13 @@ weights, data, batch size and dtype. Problems:
 
 Each contender runs twice in its process; the second run's times are reported
 (the first, with the warm-up of PyTorch and of the library, is kept as
-``cold_times_s``). Each process also times one forward and backward pass over the training data
-with plain PyTorch (the same model, summed loss): the ratios to it are what
-compare across loaded machines. Peak memory is the process's maximum resident
-set. Both contenders' scores are saved; the driver prints their agreement
-(largest difference over the largest score).
+``cold_times_s``), in wall and in CPU seconds (the process's CPU time, which
+the load changes least). Each process also times one forward and backward
+pass over the training data with plain PyTorch (the same model, summed loss):
+the ratios to it are what compare across loaded machines. Peak memory is the
+process's maximum resident set, beside the one before the contender ran (the
+problem and the plain gradient passes). The contenders' scores are saved;
+the driver prints their agreement (largest difference over the largest score).
 """
 
 from __future__ import annotations
@@ -46,6 +53,13 @@ from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH = 64
+CACHE_MEMORY = 300e6
+"""Bytes ours may keep of the factor pass's layer inputs and output gradients for the
+correction pass and the pairwise scores (``fit_ekfac``'s ``cache_memory``): the GPT-2's
+512 passages take 268 MB."""
+CONTENDERS = ("ours", "ours-no-cache", "kronfluence")
+"""``ours-no-cache``: ours without kept captures (``cache_memory=0``), the memory of
+``compute_eigenvalue_correction``."""
 
 
 # --- problems -------------------------------------------------------------------------
@@ -112,29 +126,50 @@ def _summed_loss(problem: dict, logits: torch.Tensor, targets: torch.Tensor) -> 
     return nn.functional.cross_entropy(logits, targets, reduction="sum")
 
 
-def _gradient_pass(problem: dict) -> float:
-    """Seconds of one forward and backward pass over the training data (plain PyTorch)."""
+def _gradient_pass(problem: dict) -> dict[str, float]:
+    """Wall and CPU seconds of one forward and backward pass over the training data (PyTorch)."""
     model, (X, y) = problem["model"], problem["train"]
-    start = time.perf_counter()
+    clock = Clock()
     for Xb, yb in zip(torch.split(X, BATCH), torch.split(y, BATCH)):
         grads = torch.autograd.grad(
             _summed_loss(problem, model(Xb), yb), list(problem["params"].values())
         )
     del grads
-    return time.perf_counter() - start
+    clock.lap("pass")
+    return clock.times
 
 
 # --- contenders ---------------------------------------------------------------------
-def run_ours(problem: dict) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+class Clock:
+    """Wall and CPU seconds of consecutive phases: ``times[phase]``, ``times["cpu_" + phase]``.
+
+    The process's CPU time is what a loaded machine changes least (a pinned
+    process waits for its core while others run there: wall time grows, CPU
+    time does not).
+    """
+
+    def __init__(self) -> None:
+        self.times: dict[str, float] = {}
+        self._wall, self._cpu = time.perf_counter(), time.process_time()
+
+    def lap(self, phase: str) -> None:
+        wall, cpu = time.perf_counter(), time.process_time()
+        self.times[phase], self.times[f"cpu_{phase}"] = wall - self._wall, cpu - self._cpu
+        self._wall, self._cpu = wall, cpu
+
+
+def run_ours(
+    problem: dict, cache_memory: float = CACHE_MEMORY
+) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     from curvlinops import EKFACLinearOperator, losses
+    from curvlinops.influence_factors import fit_ekfac
     from curvlinops.influence_scores import InfluenceScorer
 
     model, params = problem["model"], problem["params"]
     X, y = problem["train"]
     data = list(zip(torch.split(X, BATCH), torch.split(y, BATCH)))
     loss = losses.CrossEntropyLoss(reduction="sum", class_axis=-1)
-    times = {}
-    start = time.perf_counter()
+    clock = Clock()
     E = EKFACLinearOperator(
         model,
         loss,
@@ -144,9 +179,8 @@ def run_ours(problem: dict) -> tuple[dict[str, float], dict[str, np.ndarray]]:
         separate_weight_and_bias=False,
         check_deterministic=False,
     )
-    E.compute_eigenvalue_correction()
-    times["factors"] = time.perf_counter() - start
-    start = time.perf_counter()
+    kept = fit_ekfac(E, cache_memory=cache_memory, keep_captures=cache_memory > 0)
+    clock.lap("factors")
     scorer = InfluenceScorer(
         E,
         model,
@@ -156,19 +190,21 @@ def run_ours(problem: dict) -> tuple[dict[str, float], dict[str, np.ndarray]]:
         curvature_scale=1 / len(X),
         examples_per_pass=BATCH,
     )
-    pairwise = scorer.pairwise_scores([problem["query"]], data)
-    times["pairwise"] = time.perf_counter() - start
-    start = time.perf_counter()
+    pairwise = scorer.pairwise_scores([problem["query"]], data, train_captures=kept)
+    del kept  # the kept captures: cache_memory up to here
+    clock.lap("pairwise")
     self_scores = scorer.self_scores(data)
-    times["self"] = time.perf_counter() - start
-    return times, {"pairwise": pairwise.detach().numpy(), "self": self_scores.detach().numpy()}
+    clock.lap("self")
+    return clock.times, {
+        "pairwise": pairwise.detach().numpy(),
+        "self": self_scores.detach().numpy(),
+    }
 
 
 def run_kronfluence(problem: dict) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     from benchmarks.kronfluence_runner import KronfluenceContender, tensor_dataset
 
     dtype = next(problem["model"].parameters()).dtype
-    times = {}
     with tempfile.TemporaryDirectory() as folder:
         modules = sorted({name.rpartition(".")[0] for name in problem["params"]})
         contender = KronfluenceContender(
@@ -179,16 +215,14 @@ def run_kronfluence(problem: dict) -> tuple[dict[str, float], dict[str, np.ndarr
             modules=modules,
         )
         train, query = tensor_dataset(*problem["train"]), tensor_dataset(*problem["query"])
-        start = time.perf_counter()
+        clock = Clock()
         contender.fit_factors(train, BATCH)
-        times["factors"] = time.perf_counter() - start
-        start = time.perf_counter()
+        clock.lap("factors")
         pairwise = contender.pairwise_scores(query, train, BATCH, None)["all_modules"]
-        times["pairwise"] = time.perf_counter() - start
-        start = time.perf_counter()
+        clock.lap("pairwise")
         self_scores = contender.self_scores(train, BATCH, None)["all_modules"]
-        times["self"] = time.perf_counter() - start
-    return times, {"pairwise": pairwise.numpy(), "self": self_scores.numpy()}
+        clock.lap("self")
+    return clock.times, {"pairwise": pairwise.numpy(), "self": self_scores.numpy()}
 
 
 def run_one(args: argparse.Namespace) -> None:
@@ -201,7 +235,13 @@ def run_one(args: argparse.Namespace) -> None:
         problem = _digits_problem(args.n_query, dtype)
     _gradient_pass(problem)  # warm-up
     reference = _gradient_pass(problem)
-    runner = run_ours if args.contender == "ours" else run_kronfluence
+    baseline_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    runners = {
+        "ours": run_ours,
+        "ours-no-cache": lambda problem: run_ours(problem, cache_memory=0),
+        "kronfluence": run_kronfluence,
+    }
+    runner = runners[args.contender]
     cold, _ = runner(problem)  # first calls: PyTorch's and the libraries' warm-up
     times, scores = runner(problem)
     result = {
@@ -211,10 +251,12 @@ def run_one(args: argparse.Namespace) -> None:
         "n_train": len(problem["train"][0]),
         "n_query": len(problem["query"][0]),
         "parameters": sum(p.numel() for p in problem["params"].values()),
-        "gradient_pass_s": reference,
+        "gradient_pass_s": reference["pass"],
+        "gradient_pass_cpu_s": reference["cpu_pass"],
         "times_s": times,
         "cold_times_s": cold,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "baseline_rss_mb": baseline_rss,  # the problem and plain PyTorch's gradient passes
         "loadavg": os.getloadavg()[0],
     }
     Path(args.out).write_text(json.dumps(result, indent=1))
@@ -240,7 +282,7 @@ def drive(args: argparse.Namespace) -> None:
     for problem in args.problems:
         for dtype in args.dtypes:
             results = {}
-            for contender in ("ours", "kronfluence"):
+            for contender in CONTENDERS:
                 out = folder / f"{problem}_{dtype}_{contender}.json"
                 command = _command(contender, problem, dtype, args.n_train, out)
                 subprocess.run(command, check=True, env=env, cwd=ROOT)
@@ -254,23 +296,37 @@ def format_tables(rows: list[dict]) -> str:
     """Markdown tables: times (and ratios to the gradient pass), memory, agreement."""
     lines = [
         "| problem | dtype | contender | factors s | pairwise s | self s | "
-        "factors+pairwise / grad pass | cold factors+pairwise s | peak RSS MB | load |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "factors+pairwise / grad pass | kronfluence's factors+pairwise / this | "
+        "CPU s: factors, pairwise | CPU: factors+pairwise / grad pass | "
+        "CPU: kronfluence's / this | cold factors+pairwise s | peak RSS MB (before) | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     agreement = [
         "| problem | dtype | pairwise: max diff / max score | self: max diff / max score |",
         "|---|---|---|---|",
     ]
     for results in rows:
+        kronfluence = results["kronfluence"]["times_s"]
         for contender, r in results.items():
             t = r["times_s"]
             ratio = (t["factors"] + t["pairwise"]) / r["gradient_pass_s"]
+            speedup = (kronfluence["factors"] + kronfluence["pairwise"]) / (
+                t["factors"] + t["pairwise"]
+            )
+            cpu = t.get("cpu_factors", np.nan) + t.get("cpu_pairwise", np.nan)
+            cpu_ratio = cpu / r.get("gradient_pass_cpu_s", np.nan)
+            cpu_speedup = (
+                kronfluence.get("cpu_factors", np.nan) + kronfluence.get("cpu_pairwise", np.nan)
+            ) / cpu
             lines.append(
                 f"| {r['problem']} (N={r['n_train']}, T={r['n_query']}, P={r['parameters']:,}) "
                 f"| {r['dtype']} | {contender} | {t['factors']:.2f} | {t['pairwise']:.2f} | "
-                f"{t['self']:.2f} | {ratio:.1f} | "
+                f"{t['self']:.2f} | {ratio:.1f} | {speedup:.2f} | "
+                f"{t.get('cpu_factors', np.nan):.2f}, {t.get('cpu_pairwise', np.nan):.2f} | "
+                f"{cpu_ratio:.1f} | {cpu_speedup:.2f} | "
                 f"{r['cold_times_s']['factors'] + r['cold_times_s']['pairwise']:.2f} | "
-                f"{r['peak_rss_mb']:.0f} | {r['loadavg']:.1f} |"
+                f"{r['peak_rss_mb']:.0f} ({r.get('baseline_rss_mb', np.nan):.0f}) | "
+                f"{r['loadavg']:.1f} |"
             )
         ours, theirs = results["ours"]["scores"], results["kronfluence"]["scores"]
         differences = [
@@ -286,7 +342,7 @@ def format_tables(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--contender", choices=["ours", "kronfluence"])
+    parser.add_argument("--contender", choices=CONTENDERS)
     parser.add_argument("--problem", choices=["gpt2", "digits"], default="gpt2")
     parser.add_argument("--problems", nargs="+", default=["digits", "gpt2"])
     parser.add_argument("--dtype", default="float32")

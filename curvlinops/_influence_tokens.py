@@ -34,6 +34,24 @@ def kfac_of(curvature: Any) -> Any:
     return K
 
 
+def capturing_kfac(curvature: Any, model_func: Any, b: Any, loss: Any) -> Any:
+    """The PyTorch KFAC/EK-FAC behind ``curvature`` if its capture sees ``model_func``'s layers.
+
+    Its layer capture then gives per-example gradients in one batched pass
+    (:func:`captured_gradients`); JAX compiles its ``vmap`` of gradients
+    instead, and other curvatures have no capture (``None``), nor losses
+    whose examples are coupled (a weighted mean).
+    """
+    from curvlinops.kfac import KFACInverseLinearOperator, KFACLinearOperator
+
+    K = curvature._A if isinstance(curvature, KFACInverseLinearOperator) else curvature
+    coupled = getattr(loss, "weighted_mean", False) and loss.reduction == "mean"
+    if not isinstance(K, KFACLinearOperator) or b.name != "torch" or coupled:
+        return None
+    same_model = getattr(K._capture, "_model", None) is model_func
+    return K if same_model and K.backend.param_names == b.param_names else None
+
+
 def query_blocks(K: Any, S: Any) -> dict[tuple[str, str], Any]:
     """The preconditioned query gradients ``(P, T)`` per layer part, ``(d_out, d_in, T)``."""
     pieces: dict[tuple[str, str], Any] = {}
@@ -46,16 +64,57 @@ def query_blocks(K: Any, S: Any) -> dict[tuple[str, str], Any]:
     return pieces
 
 
-def token_scores(scorer: Any, K: Any, pieces: dict, X: Any, y: Any) -> Any:
-    """``(T, n, S)``: the scores of each token of a block of ``n`` training sequences."""
+def _captures(scorer: Any, K: Any, X: Any, y: Any) -> tuple[dict, dict, int]:
+    """Layer inputs ``(n, S, d_in)``, each example's own output gradients ``(1, n, S, d_out)``."""
     b, loss = scorer.backend, scorer._gradients.loss
-    xp = b.xp
     K._capture.prepare(X)
     z, inputs, pullback = K._capture.forward(b.model_fn, b.primals, X, True)
-    n = z.shape[0]
     # each sequence's own loss: the batch's un-normalised term gradients, scaled as for one example
     scale = loss.normalization(z[:1])
-    gradients = pullback(scale * loss.output_gradient(b, z, y)[None])
+    return inputs, pullback(scale * loss.output_gradient(b, z, y)[None]), z.shape[0]
+
+
+def captured_gradients(scorer: Any, K: Any, X: Any, y: Any) -> Any:
+    r"""``(P, n)``: per-example gradients from one forward and backward pass of the batch.
+
+    A linear layer's weight gradient of example :math:`n` is
+    :math:`\sum_s g_{ns} a_{ns}^\top`, a batched product of the captured
+    output gradients and inputs, formed in the parameter's own layout (a
+    ``Conv1D``'s ``(d_in, d_out)``: :math:`\sum_s a_{ns} g_{ns}^\top`); the
+    bias: :math:`\sum_s g_{ns}`. The rows are gathered as ``(n, P)`` (one
+    copy) and returned transposed.
+    """
+    inputs, gradients, n = _captures(scorer, K, X, y)
+    return gradients_from_captures(scorer, K, inputs, gradients, n)
+
+
+def gradients_from_captures(scorer: Any, K: Any, inputs: dict, gradients: dict, n: int) -> Any:
+    """``(P, n)`` per-example gradients from layer inputs and per-example output gradients."""
+    xp = scorer.backend.xp
+    shapes = scorer.backend.param_shapes
+    pieces: list[Any] = [None] * len(shapes)
+    for name, parts in K._mapping.items():
+        g = gradients[name][0]  # (n, S, d_out)
+        for part, position in parts.items():
+            if part == "bias":
+                pieces[position] = xp.sum(g, axis=1)
+                continue
+            layout = K._program.weight_layout(name)
+            a = inputs[name]
+            if layout == (1, 0):  # stored (d_in, d_out)
+                pieces[position] = xp.reshape(xp.matrix_transpose(a) @ g, (n, -1))
+                continue
+            block = xp.matrix_transpose(g) @ a  # (n, d_out, d_in...), axes in layout order
+            permuted = xp.reshape(block, (n, *(shapes[position][axis] for axis in layout)))
+            inverse = tuple(1 + layout.index(axis) for axis in range(len(layout)))
+            pieces[position] = xp.reshape(xp.permute_dims(permuted, (0, *inverse)), (n, -1))
+    return xp.concat(pieces, axis=1).T
+
+
+def token_scores(scorer: Any, K: Any, pieces: dict, X: Any, y: Any) -> Any:
+    """``(T, n, S)``: the scores of each token of a block of ``n`` training sequences."""
+    xp = scorer.backend.xp
+    inputs, gradients, n = _captures(scorer, K, X, y)
     total = None
     for (name, part), M in pieces.items():
         g = gradients[name][0]  # (n, S, d_out)
@@ -70,40 +129,3 @@ def token_scores(scorer: Any, K: Any, pieces: dict, X: Any, y: Any) -> Any:
             term = xp.sum(gM * a[..., None], axis=2)  # (n, S, T)
         total = term if total is None else total + term
     return xp.permute_dims(total, (2, 0, 1))
-
-
-# --- query gradients in low rank ----------------------------------------------------
-def low_rank_queries(scorer: Any, S: Any, rank: int) -> Any:
-    """``S`` ``(P, T)`` with each query's weight matrices truncated to ``rank`` (kronfluence's).
-
-    A layer's block of a query (``(d_out, d_in)``, with the bias as a last
-    column where KFAC keeps weight and bias in one block) is replaced by its
-    best rank-``rank`` approximation (truncated SVD) where both sides exceed
-    ``rank``; biases and smaller blocks stay as they are. Without KFAC, each
-    parameter with two or more axes is a ``(shape[0], rest)`` matrix.
-    """
-    xp = scorer.backend.xp
-
-    def truncate(M: Any) -> Any:
-        d_out, d_in, T = M.shape
-        if min(d_out, d_in) <= rank:
-            return M
-        U, sigma, Vh = xp.linalg.svd(xp.permute_dims(M, (2, 0, 1)), full_matrices=False)
-        approximation = (U[..., :rank] * sigma[:, None, :rank]) @ Vh[:, :rank, :]
-        return xp.permute_dims(approximation, (1, 2, 0))
-
-    from curvlinops.kfac import KFACInverseLinearOperator, KFACLinearOperator
-
-    curvature = scorer._curvature
-    K = curvature._A if isinstance(curvature, KFACInverseLinearOperator) else curvature
-    if isinstance(K, KFACLinearOperator):
-        return K._program.blockwise(S, lambda name, part, M: truncate(M))
-    blocks = []
-    for position, shape in enumerate(scorer.backend.param_shapes):
-        rows = S[int(scorer._offsets[position]) : int(scorer._offsets[position + 1])]
-        if len(shape) < 2:
-            blocks.append(rows)
-            continue
-        M = truncate(xp.reshape(rows, (shape[0], -1, S.shape[1])))
-        blocks.append(xp.reshape(M, (-1, S.shape[1])))
-    return xp.concat(blocks, axis=0)

@@ -213,6 +213,40 @@ class KFACProgram:
                 result[position] = rotated_square_sum(xp, g_rotated, a, Q_A)
         return result
 
+    # --- captures, kept between the two passes (curvlinops.influence_factors) ------
+    def batch_captures(
+        self, primals: Any, X: Any, y: Any, noise: Any, weight: Any
+    ) -> tuple[dict[str, Any], dict[str, Any], Any]:
+        """One batch's layer inputs ``(n, S, d_in)``, output gradients ``(k, n, S, d_out)``, scale.
+
+        What both EK-FAC passes read: :meth:`captured_factors` and
+        :meth:`captured_correction` give what :meth:`batch_factors` and
+        :meth:`batch_correction` give, from these (all columns at once).
+        """
+        z, layer_inputs, pullback = self.capture.forward(self.backend.model_fn, primals, X, True)
+        if self.fisher_type == FisherType.TYPE2:
+            check_two_dimensional(z)
+        columns, scale = self.output_cotangents(z, y, noise, weight)
+        return layer_inputs, pullback(columns), scale
+
+    def captured_factors(
+        self, inputs: dict, gradients: dict, scale: Any
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """One batch's parts of ``A`` and ``G`` from its :meth:`batch_captures`."""
+        A = {name: self.input_covariance(name, a) for name, a in inputs.items()}
+        G = {name: scale * self.gradient_covariance(g) for name, g in gradients.items()}
+        return A, G
+
+    def captured_correction(
+        self, inputs: dict, gradients: dict, scale: Any, Q_A: dict, Q_G: dict
+    ) -> list[Any]:
+        """One batch's corrected eigenvalues (as :meth:`batch_correction`) from its captures."""
+        corrections = {}
+        for name, g in gradients.items():
+            parts = self.layer_correction(name, inputs.get(name), g, Q_A.get(name), Q_G[name])
+            corrections.update({(name, key): value for key, value in parts.items()})
+        return [scale * corrections[key] for key in self.correction_keys()]
+
     # --- products -------------------------------------------------------------------
     def kfac_product(self, A: dict, G: dict, X: Any) -> Any:
         """``(G ⊗ A) X`` block by block (also the inverse, with inverted factors)."""

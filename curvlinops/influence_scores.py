@@ -42,8 +42,9 @@ from typing import Any
 
 import numpy as np
 
-from curvlinops._checks import check_positive_int, value_error
+from curvlinops._checks import check_positive_int, type_error, value_error
 from curvlinops._curvature import _check_data, _split_batch
+from curvlinops._influence_low_rank import LowRankQueries, held_bytes_per_query
 from curvlinops._influence_preconditioners import (
     HEURISTIC_DAMPING,
     HEURISTIC_DAMPING_SCALE,
@@ -51,7 +52,13 @@ from curvlinops._influence_preconditioners import (
     layers_of,
     preconditioner,
 )
-from curvlinops._influence_tokens import kfac_of, low_rank_queries, query_blocks, token_scores
+from curvlinops._influence_tokens import (
+    captured_gradients,
+    capturing_kfac,
+    kfac_of,
+    query_blocks,
+    token_scores,
+)
 from curvlinops._memory import MemoryEstimate, resolve_budget
 from curvlinops._operand import check_real
 from curvlinops.backends import make_backend
@@ -147,6 +154,7 @@ class InfluenceScorer:
         self._layers = layers_of(curvature, b)
         self.layer_names = list(self._layers)
         self._gradients = _PerExampleGradients(b, b.loss(loss_func), examples_per_pass)
+        self._capturing = capturing_kfac(curvature, model_func, b, self._gradients.loss)
         self._precondition, self.damping_per_layer = preconditioner(
             curvature, self, damping, tol, maxiter
         )
@@ -193,8 +201,27 @@ class InfluenceScorer:
             raise value_error("data", "at least one example in batches (X, y)", "no examples")
 
     def gradients(self, X: Any, y: Any) -> Any:
-        """``(P, n)``: the per-example gradients of a block from :meth:`example_blocks`."""
+        """``(P, n)``: the per-example gradients of a block from :meth:`example_blocks`.
+
+        With a PyTorch KFAC or EK-FAC curvature of the same model, from one
+        forward and backward pass of the block through KFAC's layer capture
+        (a batched product per layer); else by ``vmap`` over the examples.
+        """
+        if self._capturing is not None:
+            return captured_gradients(self, self._capturing, X, y)
         return self._gradients._compiled(self.backend.primals, X, y)
+
+    def _training_gradients(self, data: Iterable, kept: Any, blocks: bool = False) -> Iterator[Any]:
+        """Gradient blocks of ``data``: the kept captures' where they hold the batch.
+
+        ``blocks``: ``data`` is already :meth:`example_blocks`' output.
+        """
+        start, previous = 0, None
+        for index, n, X, y in data if blocks else self.example_blocks(data):
+            start = 0 if index != previous else start
+            G = None if kept is None else kept.gradients(self, index, start, X, y)
+            yield self.gradients(X, y) if G is None else G
+            start, previous = start + n, index
 
     def gradient_blocks(self, data: Iterable) -> Iterator[Any]:
         """Per-example gradients of ``data``'s batches, in ``(P, examples_per_pass)`` blocks."""
@@ -217,6 +244,7 @@ class InfluenceScorer:
         memory_budget: float | None = None,
         output_dir: Any = None,
         query_rank: int | None = None,
+        train_captures: Any = None,
     ) -> Any:
         """Scores ``(T, N)`` of ``T`` query against ``N`` training examples.
 
@@ -243,14 +271,21 @@ class InfluenceScorer:
                 with ``use_full_svd=True``): a layer's ``(d_out, d_in)`` block
                 (bias as a last column where KFAC keeps one block) becomes its
                 best rank-``query_rank`` approximation where both sides
-                exceed it. The truncated gradients are held densely.
+                exceed it. Only the factors are held (``r (d_out + d_in)``
+                numbers a block and query, not ``d_out d_in``); scoring a block
+                of training gradients then takes ``r`` times the products.
+            train_captures: The :class:`~curvlinops.influence_factors.KeptCaptures`
+                of ``fit_ekfac(curvature, keep_captures=True)`` on ``train_data``:
+                the training gradients of the batches kept there are formed
+                from them, without running the model.
 
         Returns:
             A native ``(T, N)`` array, or a dict of them per layer.
         """
+        self._check_captures(train_captures)
         selection = self._selection(layers)
-        size = self._query_partition_size(selection, memory_budget)
         rank = None if query_rank is None else check_positive_int(query_rank, "query_rank")
+        size = self._query_partition_size(selection, memory_budget, rank)
         store = None
         if output_dir is not None:
             from curvlinops.influence_store import ScoreBlockStore
@@ -264,7 +299,9 @@ class InfluenceScorer:
             }
             store = ScoreBlockStore(output_dir, "pairwise", settings, self.backend)
         rows = [
-            self._pairwise_row(part, query_blocks, train_data, per_layer, selection, store, rank)
+            self._pairwise_row(
+                part, query_blocks, train_data, per_layer, selection, store, rank, train_captures
+            )
             for part, query_blocks in enumerate(_partitions(self.example_blocks(query_data), size))
         ]
         return self._assemble(rows, per_layer, selection, axis=0)
@@ -278,6 +315,7 @@ class InfluenceScorer:
         selection: _Selection,
         store: Any,
         rank: int | None,
+        kept: Any,
     ) -> Any:
         """One query partition's scores against all training batches (saved batch by batch)."""
         S, row = None, []
@@ -287,16 +325,10 @@ class InfluenceScorer:
                 row.append(store.get(part, index, per_layer))
                 continue
             if S is None:  # computed only where a block is missing
-                S = self._concat(
-                    [
-                        selection.take(self._query_gradients(X, y, rank))
-                        for _, _, X, y in query_blocks
-                    ],
-                    axis=1,
-                )
+                S = self._held_queries(query_blocks, selection, rank)
             blocks = [
-                self._pair_block(S, selection.take(self.gradients(X, y)), per_layer, selection)
-                for _, _, X, y in examples
+                self._pair_block(S, G, per_layer, selection)
+                for G in self._training_gradients(examples, kept, blocks=True)
             ]
             row.append(self._assemble(blocks, per_layer, selection))
             if store is not None:
@@ -309,23 +341,50 @@ class InfluenceScorer:
         *,
         per_layer: bool = False,
         layers: Iterable[str] | None = None,
+        train_captures: Any = None,
     ) -> Any:
         r"""Self-influence :math:`s_{ii}` ``(N,)`` of ``train_data``'s examples (or per layer).
 
-        ``layers`` restricts the scores to a layer partition's parameters (see
+        ``layers`` restricts the scores to a layer partition's parameters, and
+        ``train_captures`` gives the kept batches' gradients (see
         :meth:`pairwise_scores`).
         """
+        self._check_captures(train_captures)
         selection = self._selection(layers)
         blocks = []
-        for G in self.gradient_blocks(train_data):
+        for G in self._training_gradients(train_data, train_captures):
             R = selection.take(self._precondition(G))
             blocks.append(self._self_block(R, selection.take(G), per_layer, selection))
         return self._assemble(blocks, per_layer, selection)
 
-    def _query_gradients(self, X: Any, y: Any, rank: int | None) -> Any:
-        """Preconditioned gradients of a block of queries, in low rank for a ``rank``."""
-        S = self._precondition(self.gradients(X, y))
-        return S if rank is None else low_rank_queries(self, S, rank)
+    def _check_captures(self, train_captures: Any) -> None:
+        """``None``, or kept captures of this scorer's curvature, loss and parameters."""
+        if train_captures is None:
+            return
+        from curvlinops.influence_factors import KeptCaptures
+
+        if not isinstance(train_captures, KeptCaptures):
+            raise type_error(
+                "train_captures",
+                "None or the KeptCaptures of fit_ekfac(curvature, keep_captures=True)",
+                train_captures,
+            )
+        train_captures.check_scorer(self)
+
+    def _held_queries(self, query_blocks: list, selection: _Selection, rank: int | None) -> Any:
+        """A query partition's preconditioned gradients: ``(P_selected, T)``, or their factors."""
+        if rank is None:
+            S = [
+                selection.take(self._precondition(self.gradients(X, y)))
+                for *_, X, y in query_blocks
+            ]
+            return self._concat(S, axis=1)
+        return LowRankQueries.concat(
+            [
+                LowRankQueries(self, self._precondition(self.gradients(X, y)), rank)
+                for *_, X, y in query_blocks
+            ]
+        )
 
     def per_token_scores(self, query_data: Iterable, train_data: Iterable) -> Any:
         r"""Scores ``(T, N, S)`` of each token of ``N`` training sequences (kronfluence's).
@@ -347,6 +406,12 @@ class InfluenceScorer:
         return self._concat(blocks, axis=1)
 
     def _pair_block(self, S: Any, G: Any, per_layer: bool, selection: _Selection) -> Any:
+        if isinstance(S, LowRankQueries):
+            totals = S.scores(G, selection.names)
+            if per_layer:
+                return [totals[layer] for layer in selection.names]
+            return sum(totals[layer] for layer in selection.names)
+        G = selection.take(G)
         if not per_layer:
             return S.T @ G
         return [
@@ -396,14 +461,19 @@ class InfluenceScorer:
             )
         return _Selection(self, [name for name in self.layer_names if name in names])
 
-    def _query_partition_size(self, selection: _Selection, memory_budget: Any) -> int | None:
+    def _query_partition_size(
+        self, selection: _Selection, memory_budget: Any, rank: int | None = None
+    ) -> int | None:
         """Query gradient blocks per partition: all, or as many as ``memory_budget`` holds."""
         if memory_budget is None:
             return None
         budget, available = resolve_budget(memory_budget, self.backend.device)
         itemsize = np.dtype(self.backend.dtype).itemsize
         P, chunk = int(self._offsets[-1]), self._gradients.chunk
-        block = selection.size * chunk * itemsize  # one block of preconditioned query gradients
+        per_query = selection.size * itemsize  # preconditioned query gradients, held
+        if rank is not None:  # their low-rank factors
+            per_query = held_bytes_per_query(self, rank, selection.names, itemsize)
+        block = per_query * chunk
         parts = {
             "gradient and preconditioner blocks (3 x P x examples_per_pass)": 3
             * P

@@ -1,4 +1,4 @@
-"""Influence factors and scores on disk: ``.npz`` files that carry their settings.
+"""Influence factors and scores on disk: safetensors files that carry their settings.
 
 * :func:`save_factors` / :func:`load_factors`: the Kronecker factors of a
   :class:`~curvlinops.KFACLinearOperator` (and EK-FAC's eigenvectors and
@@ -11,10 +11,13 @@
   one file per (query partition, training batch), written when done, so that
   a rerun resumes where an interrupted one stopped.
 
-Files are written to a temporary name and renamed, so an interruption never
-leaves a partial file under the final name. Arrays are saved as numpy
-arrays: factors saved from PyTorch load into JAX (and back) where the layer
-names agree.
+Files are safetensors (the settings as JSON in its metadata, under
+``"settings"``), or ``.npz`` where the path ends so (the settings under
+``__settings__``); files of either kind load, whatever their name, so files
+written before safetensors was the format still do. Files are written to a
+temporary name and renamed, so an interruption never leaves a partial file
+under the final name. Arrays are saved as numpy arrays: factors saved from
+PyTorch load into JAX (and back) where the layer names agree.
 """
 
 from __future__ import annotations
@@ -34,27 +37,76 @@ __all__ = ["ScoreBlockStore", "load_factors", "load_scores", "save_factors", "sa
 SETTINGS_KEY = "__settings__"
 """The ``.npz`` entry holding the settings as JSON."""
 
+METADATA_KEY = "settings"
+"""The safetensors metadata entry holding the settings as JSON."""
+
+SUFFIX = ".safetensors"
+"""The suffix of the files this module names itself (score blocks, factor partitions)."""
+
+_ZIP_MAGIC = b"PK\x03\x04"  # an .npz is a zip archive; safetensors starts with its header size
+
 
 # --- files --------------------------------------------------------------------------
 def _write(path: Path, arrays: dict[str, np.ndarray], settings: dict[str, Any]) -> None:
-    """``arrays`` and ``settings`` to ``path`` (via a temporary file and a rename)."""
+    """``arrays`` and ``settings`` to ``path`` (via a temporary file and a rename).
+
+    safetensors, or ``.npz`` where ``path`` ends so.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".partial")
-    with open(temporary, "wb") as file:
-        np.savez(file, **arrays, **{SETTINGS_KEY: np.array(json.dumps(settings))})
+    text = json.dumps(settings)
+    if path.suffix == ".npz":
+        with open(temporary, "wb") as file:
+            np.savez(file, **arrays, **{SETTINGS_KEY: np.array(text)})
+    else:
+        save = _safetensors().numpy.save
+        contiguous = {key: np.ascontiguousarray(value) for key, value in arrays.items()}
+        temporary.write_bytes(save(contiguous, metadata={METADATA_KEY: text}))
     os.replace(temporary, path)
 
 
 def _read(path: Any, argument: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """``(arrays, settings)`` of a file of :func:`_write` (safetensors or ``.npz``)."""
     path = Path(path)
     if not path.is_file():
-        raise value_error(argument, "an existing .npz file", repr(str(path)))
-    with np.load(path, allow_pickle=False) as contents:
-        arrays = {key: contents[key] for key in contents.files if key != SETTINGS_KEY}
-        if SETTINGS_KEY not in contents.files:
-            raise value_error(argument, "a file written by curvlinops (with settings)", str(path))
-        settings = json.loads(str(contents[SETTINGS_KEY]))
-    return arrays, settings
+        raise value_error(argument, "an existing .safetensors or .npz file", repr(str(path)))
+    with open(path, "rb") as file:
+        is_npz = file.read(4) == _ZIP_MAGIC
+    if is_npz:
+        with np.load(path, allow_pickle=False) as contents:
+            arrays = {key: contents[key] for key in contents.files if key != SETTINGS_KEY}
+            text = str(contents[SETTINGS_KEY]) if SETTINGS_KEY in contents.files else None
+    else:
+        arrays, text = _read_safetensors(path, argument)
+    if text is None:
+        raise value_error(argument, "a file written by curvlinops (with settings)", str(path))
+    return arrays, json.loads(text)
+
+
+def _safetensors() -> Any:
+    """The safetensors package (with its numpy module), or an ImportError saying what to do."""
+    try:
+        import safetensors
+        import safetensors.numpy  # noqa: F401
+    except ImportError as error:
+        raise ImportError(
+            "curvlinops.influence_store writes and reads safetensors files: pip install "
+            "'curvlinops[influence]' (safetensors), or give paths ending in .npz."
+        ) from error
+    return safetensors
+
+
+def _read_safetensors(path: Path, argument: str) -> tuple[dict[str, np.ndarray], str | None]:
+    safetensors = _safetensors()
+    try:
+        with safetensors.safe_open(str(path), framework="numpy") as contents:
+            arrays = {key: contents.get_tensor(key) for key in contents.keys()}  # noqa: SIM118
+            metadata = contents.metadata() or {}
+    except safetensors.SafetensorError as error:
+        raise value_error(
+            argument, "a .safetensors or .npz file", f"{path} (unreadable: {error})"
+        ) from error
+    return arrays, metadata.get(METADATA_KEY)
 
 
 def _check_same(expected: dict, found: dict, argument: str, fix: str) -> None:
@@ -85,10 +137,10 @@ def _scores_from(arrays: dict[str, np.ndarray]) -> Any:
 
 
 def save_scores(path: Any, scores: Any, settings: dict[str, Any] | None = None) -> None:
-    """Save scores (an array, or ``{layer: array}``) and their settings to ``path`` (``.npz``).
+    """Save scores (an array, or ``{layer: array}``) and their settings to ``path``.
 
     Args:
-        path: The file.
+        path: The file: safetensors (``.npz`` where the name ends so).
         scores: PyTorch, JAX or numpy array(s).
         settings: JSON-serialisable settings, e.g. ``InfluenceScorer.settings()``.
     """
@@ -130,7 +182,10 @@ class ScoreBlockStore:
             record.write_text(json.dumps(settings, indent=1))
 
     def _path(self, part: int, index: int) -> Path:
-        return self.folder / f"{self.kind}_query{part}_batch{index}.npz"
+        """The block's file: safetensors, or an ``.npz`` of a run before that was the format."""
+        path = self.folder / f"{self.kind}_query{part}_batch{index}{SUFFIX}"
+        earlier = path.with_suffix(".npz")
+        return earlier if earlier.is_file() and not path.is_file() else path
 
     def has(self, part: int, index: int) -> bool:
         """Whether the block of query partition ``part`` and training batch ``index`` is saved."""
@@ -179,7 +234,7 @@ def save_factors(curvature: KFACLinearOperator, path: Any) -> None:
     Args:
         curvature: A :class:`~curvlinops.KFACLinearOperator` or
             :class:`~curvlinops.EKFACLinearOperator`.
-        path: The ``.npz`` file.
+        path: The file: safetensors (``.npz`` where the name ends so).
     """
     K = _check_kfac(curvature)
     K._factors_ready()

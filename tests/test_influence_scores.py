@@ -181,6 +181,20 @@ def test_curvature_scale_and_inverse_operator() -> None:
     )
 
 
+def test_kfac_capture_gives_the_per_example_gradients() -> None:
+    """With a PyTorch KFAC curvature, per-example gradients come from its layer capture."""
+    model = _model()
+    X, y, _, _ = _data()
+    K = _curvature("kfac", model, [(X, y)])
+    scorer = InfluenceScorer(K, model, torch.nn.CrossEntropyLoss(), list(model.parameters()))
+    assert scorer._capturing is K
+    expected = _per_example_gradients(model, X, y)
+    np.testing.assert_allclose(scorer.gradients(X, y).numpy(), expected, rtol=1e-13, atol=1e-15)
+    twin = _model()  # another module: the capture's hooks would not see it
+    other = InfluenceScorer(K, twin, torch.nn.CrossEntropyLoss(), list(twin.parameters()))
+    assert other._capturing is None
+
+
 # --- across backends and against kronfluence ---------------------------------------
 def jax_twin(model: torch.nn.Module) -> tuple:
     """The Linear-Tanh-Linear model's weights as a JAX dict ``{layer: {weight, bias}}`` and
