@@ -35,6 +35,7 @@ from curvlinops.ggn import GGNLinearOperator
 from curvlinops.gradient import gradient_and_loss
 from curvlinops.hessian import HessianLinearOperator
 from curvlinops.influence import ResponseJacobianLinearOperator, influence_on_test_loss
+from curvlinops.influence_factors import KeptCaptures, fit_ekfac
 from curvlinops.influence_scores import InfluenceScorer
 from curvlinops.inverse import (
     CGInverseLinearOperator,
@@ -77,6 +78,7 @@ __all__ = [
     "HessianLinearOperator",
     "IdentityLinearOperator",
     "InfluenceScorer",
+    "KeptCaptures",
     "JacobianLinearOperator",
     "KFACInverseLinearOperator",
     "KFACLinearOperator",
@@ -93,6 +95,7 @@ __all__ = [
     "TransposedJacobianLinearOperator",
     "eigsh",
     "eigsh_memory",
+    "fit_ekfac",
     "gradient_and_loss",
     "hutchinson_diag",
     "hutchinson_diagonal",
