@@ -98,7 +98,7 @@ def slow_in_loops(program: Program, platform: str) -> bool:
 
 
 def _uses(jaxpr: Any, names: frozenset) -> bool:
-    """Whether ``jaxpr`` or a jaxpr nested in it (calls, loops, branches) applies one of ``names``."""
+    """Whether ``jaxpr`` or a jaxpr nested in it (calls, loops, branches) applies ``names``."""
     for eqn in jaxpr.eqns:
         if eqn.primitive.name in names:
             return True
