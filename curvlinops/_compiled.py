@@ -22,8 +22,11 @@ def traced_product(
 
     ``None`` where the operand is not a JAX one, or its product cannot run inside a
     compiled loop (it reads values on the host, or streams its data from a
-    loader): the solver then steps eagerly. Kept linearizations are read, not
-    rebuilt, and become arguments of the program; tracing counts no product.
+    loader), or would run slower in a loop than called step by step
+    (convolutions on the CPU: :func:`~curvlinops.backends._krylov_jax.slow_in_loops`):
+    the solver then steps eagerly, each product one compiled call. Kept
+    linearizations are read, not rebuilt, and become arguments of the program;
+    tracing counts no product.
     """
     if op.library != "jax":
         return None
@@ -37,4 +40,11 @@ def traced_product(
         return None
     finally:
         op.num_products = products
-    return None if trace.streamed else traced
+    if trace.streamed or _krylov_jax.slow_in_loops(traced[0], _platform(op.device)):
+        return None
+    return traced
+
+
+def _platform(device: Any) -> str:
+    """``"cpu"``, ``"gpu"``, ... of a JAX device (``"cpu"`` when it says nothing)."""
+    return str(getattr(device, "platform", "cpu"))

@@ -138,3 +138,28 @@ def test_compiled_cg_matches_dense_solve_and_reports_like_the_eager_loop(monkeyp
     monkeypatch.setattr(inverse, "traced_product", lambda *args: None)
     eager = inverse.CGInverseLinearOperator(G, damping=damping, tol=1e-10)
     np.testing.assert_allclose(to_numpy(eager @ jnp.asarray(B)), X, rtol=0, atol=1e-9)
+
+
+def test_convolutions_on_the_cpu_step_eagerly_and_agree_with_the_dense_reference():
+    """XLA's CPU convolutions run several times slower in a loop: those products step."""
+    from curvlinops.losses import MSELoss
+
+    rng = np.random.default_rng(3)
+    params = {"w": jnp.asarray(rng.standard_normal((2, 1, 3, 3)))}
+
+    def model(p, X):  # a convolution inside a jitted call: found in the nested jaxpr
+        conv = jax.jit(lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME"))
+        return jnp.tanh(conv(X, p["w"])).reshape(X.shape[0], -1)
+
+    X = jnp.asarray(rng.standard_normal((4, 1, 3, 3)))
+    y = jnp.asarray(rng.standard_normal((4, 18)))
+    H = HessianLinearOperator(model, MSELoss(), params, [(X, y)])
+    program, _ = krylov.trace_product(H.matmat, H.shape[0], 1, np.float64)
+    assert krylov.slow_in_loops(program, "cpu") and not krylov.slow_in_loops(program, "gpu")
+    values, info = eigsh(H, k=2, which="LA", return_eigenvectors=False, return_info=True)
+    assert info["solver"] == "thick-restart Lanczos" and info["converged"]
+    dense = to_numpy(H @ np.eye(H.shape[0]))
+    np.testing.assert_allclose(to_numpy(values), np.linalg.eigvalsh(dense)[-2:], rtol=1e-8)
+    result = lanczos(H, 5, v0=rng.standard_normal((H.shape[0], 2)))  # stepped eagerly
+    Q = to_numpy(result.basis[1])
+    np.testing.assert_allclose(Q.T @ dense @ Q, to_numpy(result.tridiagonal()[1]), atol=1e-10)
