@@ -7,6 +7,7 @@ Usage::
     curvlinops influence [--backend torch|jax|all] [--method M[,M...]]
                          [--out DIR] [--json FILE] [--seed N] [--quiet]
     curvlinops spectrum [--backend torch|jax|all] [--steps 0,50,100,200,400]
+                        [--twin-steps ends|all]
                         [--out DIR] [--json FILE] [--seed N] [--quiet]
 
 A bad option (an unknown backend, a backend that is not installed, an output
@@ -115,6 +116,13 @@ def _add_spectrum_parser(commands: Any) -> None:
         default="0,50,100,200,400",
         metavar="N[,N...]",
         help="SGD steps at which to measure (default: 0,50,100,200,400)",
+    )
+    spectrum.add_argument(
+        "--twin-steps",
+        choices=("ends", "all"),
+        default="ends",
+        help="checkpoints the second backend measures from the same weights: the first "
+        "and the last (default), or all (about twice the time)",
     )
     _add_common_options(spectrum, "spectrum", seed_help="seed of split, weights and batches")
 
@@ -277,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
             _check_sklearn(args.command)
         elif args.command == "spectrum":
             options["steps"] = _steps(args.steps)
+            options["twin_steps"] = args.twin_steps
             _check_sklearn(args.command)
         else:
             options["dtype"] = _dtype(args.dtype)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -36,7 +37,7 @@ if INSTALLED and HAS_SKLEARN:
         n_train=120,
         n_test=40,
         batch_size=32,
-        steps=(0, 8),
+        steps=(0, 4, 8),  # the second backend, the twin, measures 0 and 8 only
         slq_probes=2,
         slq_steps=16,
         top_k=2,
@@ -67,10 +68,11 @@ def run(tmp_path_factory):
 def test_report_schema_and_measurements(run):
     report = run[1]
     assert report["schema"] == "curvlinops-spectrum/1"
-    assert report["problem"]["n_train"] == 120 and report["problem"]["steps"] == [0, 8]
+    assert report["problem"]["n_train"] == 120 and report["problem"]["steps"] == [0, 4, 8]
     for name in INSTALLED:
         entries = report["backends"][name]["checkpoints"]
-        assert [e["step"] for e in entries] == [0, 8]
+        twin = name != INSTALLED[0]
+        assert [e["step"] for e in entries] == ([0, 8] if twin else [0, 4, 8])
         for e in entries:
             top = e["top_eigenvalues"]
             assert len(top) == 2 and top[0] >= top[1] > 0
@@ -107,8 +109,9 @@ def test_validation_against_dense_hessian(run):
 
 @pytest.mark.skipif(len(INSTALLED) < 2, reason="needs PyTorch and JAX")
 def test_backends_agree_at_step_zero(run):
-    first = run[1]["agreement"]["checkpoints"][0]
-    assert first["step"] == 0
+    checkpoints = run[1]["agreement"]["checkpoints"]
+    assert [c["step"] for c in checkpoints] == [0, 8]  # those the twin measured
+    first = checkpoints[0]
     # same float32 weights and statistics: eigsh to 1e-4 residual, eigenvalues closer
     assert first["top_max_relative_difference"] <= 1e-4
     assert first["density_l1"] <= 0.2
@@ -120,6 +123,11 @@ def test_pngs_and_table(run):
         with open(path, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert "neg. mass" in text and "validation" in text
+
+
+def test_twin_steps_must_be_ends_or_all():
+    with pytest.raises(ValueError, match=r"twin_steps: expected 'ends' or 'all', got 'some'"):
+        spectrum.run_spectrum(["torch"], config=replace(SMALL, twin_steps="some"), quiet=True)
 
 
 @pytest.mark.skipif(not (HAS_TORCH and HAS_JAX), reason="needs PyTorch and JAX")
@@ -178,6 +186,10 @@ def test_bad_options_exit_2_with_one_line(tmp_path):
         r"--steps: expected a comma-separated list of SGD steps .*got '0,ten'\. For example",
     )
     assert_one_line_error(run_main("spectrum", "--steps", "-5", *out), r"--steps: expected")
+    assert_one_line_error(
+        run_main("spectrum", "--twin-steps", "both", *out),
+        r"--twin-steps: invalid choice: 'both' \(choose from 'ends', 'all'\)",
+    )
     assert_one_line_error(
         run_main("spectrum", "--backend", "numpy", *out),
         r"--backend: expected 'torch', 'jax'.*'curvlinops spectrum --backend all'",

@@ -26,8 +26,11 @@ Ghorbani, Krishnan & Xiao, 2019) at laptop scale, on every installed backend:
 4. **Validation**, on a reduced network (2 channels, one block, 100 images) at
    initialisation: the SLQ density against the dense Hessian's exact eigenvalues
    (L1 distance, same smoothing), ``eigsh`` against dense ``eigh``.
-5. With two backends: the top eigenvalues at step 0 (same weights) and the
-   densities' L1 distance per checkpoint.
+5. With two backends: the second, the first's twin from the same weights,
+   measures the first and last checkpoints (``SpectrumConfig.twin_steps``;
+   ``"all"`` for every one): the top eigenvalues at step 0 (same weights) and
+   the densities' L1 distance per checkpoint that both measured. Alone, a
+   backend measures every checkpoint.
 
 Outputs in ``--out``: ``hessian_spectrum.png`` (densities per checkpoint, log
 scale, same axes) and ``negative_mass.png`` (negative mass and extreme
@@ -62,7 +65,12 @@ from typing import TextIO
 
 from curvlinops.jobs._parallel import plan_threads, run_backends
 from curvlinops.jobs._report import Clock, figure_class, printer, versions, write_json
-from curvlinops.jobs.spectrum.problem import SpectrumConfig, make_digits, num_params
+from curvlinops.jobs.spectrum.problem import (
+    SpectrumConfig,
+    make_digits,
+    measured_steps,
+    num_params,
+)
 from curvlinops.jobs.spectrum.report import agreement, format_table, plot_densities, plot_over_steps
 from curvlinops.jobs.spectrum.study import run_backend
 
@@ -83,6 +91,7 @@ def run_spectrum(
     command: Sequence[str] = (),
     config: SpectrumConfig | None = None,
     processes: bool = True,
+    twin_steps: str | None = None,
 ) -> dict:
     """Train and measure on each backend; print the table, save the plots and the JSON.
 
@@ -97,6 +106,8 @@ def run_spectrum(
         command: The command line, recorded in the report.
         config: Sizes and settings (default :class:`SpectrumConfig`).
         processes: Run two backends side by side where there is a core for each.
+        twin_steps: The second backend's checkpoints, ``"ends"`` or ``"all"``
+            (default ``config.twin_steps``).
 
     Returns:
         The report (see the module docstring).
@@ -106,12 +117,16 @@ def run_spectrum(
     config = config or SpectrumConfig()
     if steps is not None:
         config = replace(config, steps=tuple(sorted(set(steps))))
+    if twin_steps is not None:
+        config = replace(config, twin_steps=twin_steps)
+    measured_steps(config, twin=True)  # a bad twin_steps fails before any work
     say = printer(quiet, stream)
     digits = make_digits(seed, config)
     say(_describe(config, digits, names))
     threads = plan_threads(names, processes=processes)
     say(threads.describe())
-    sections, observed = run_backends(names, threads, run_backend, (digits, config), say)
+    work = (digits, config, names[0])
+    sections, observed = run_backends(names, threads, run_backend, work, say)
     report = {
         "schema": SCHEMA,
         "command": list(command),
@@ -151,6 +166,7 @@ def _problem(config: SpectrumConfig, digits) -> dict:  # noqa: ANN001
         "eigsh_tol": config.eigsh_tol,
         "negative_threshold": config.negative_threshold,
         "dtype": config.dtype,
+        "twin_steps": config.twin_steps,
     }
 
 

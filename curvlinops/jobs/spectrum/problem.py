@@ -40,6 +40,10 @@ class SpectrumConfig:
             dense Hessian (``0``: no validation).
         validation_n: Training images of the reduced network.
         dtype: ``"float32"`` (as networks are trained) or ``"float64"``.
+        twin_steps: Checkpoints a second backend (the twin of the first, from
+            the same weights) measures: ``"ends"``, the first and the last (the
+            cross-check of the same weights at the first, the finding at both),
+            or ``"all"``. One backend alone always measures every checkpoint.
     """
 
     channels: int = 6
@@ -58,6 +62,27 @@ class SpectrumConfig:
     validation_channels: int = 2
     validation_n: int = 100
     dtype: str = "float32"
+    twin_steps: str = "ends"
+
+
+def measured_steps(config: SpectrumConfig, twin: bool) -> tuple[int, ...]:
+    """The checkpoints a backend measures: all, or the twin's (``config.twin_steps``).
+
+    Example:
+        >>> measured_steps(SpectrumConfig(), twin=True)
+        (0, 400)
+        >>> measured_steps(SpectrumConfig(twin_steps="all"), twin=True)
+        (0, 50, 100, 200, 400)
+    """
+    steps = tuple(sorted(config.steps))
+    if not twin or config.twin_steps == "all":
+        return steps
+    if config.twin_steps != "ends":
+        raise ValueError(
+            f"twin_steps: expected 'ends' or 'all', got {config.twin_steps!r}. "
+            "Use 'all' to measure every checkpoint on both backends."
+        )
+    return tuple(sorted({steps[0], steps[-1]}))
 
 
 @dataclass(frozen=True)

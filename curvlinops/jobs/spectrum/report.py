@@ -38,15 +38,17 @@ def density(entry: dict, grid: np.ndarray, kind: str = "hessian", width: float |
 def agreement(backends: dict[str, dict], names: Sequence[str]) -> dict:
     r"""Top eigenvalues and Hessian densities of the first two backends, per checkpoint.
 
-    Densities are compared with the first backend's kernel width on a common grid:
-    ``density_l1`` is :math:`\int |\phi_1 - \phi_2|` (0 to 2).
+    At the checkpoints both measured. Densities are compared with the first
+    backend's kernel width on a common grid: ``density_l1`` is
+    :math:`\int |\phi_1 - \phi_2|` (0 to 2).
     """
     if len(names) < 2:
         return {}
     first, second = backends[names[0]]["checkpoints"], backends[names[1]]["checkpoints"]
     grid = density_grid([backends[names[0]], backends[names[1]]])
+    twin = {entry["step"]: entry for entry in second}
     steps = []
-    for a, b in zip(first, second):
+    for a, b in ((a, twin[a["step"]]) for a in first if a["step"] in twin):
         top_a, top_b = np.asarray(a["top_eigenvalues"]), np.asarray(b["top_eigenvalues"])
         width = a["hessian"]["kernel_width"]
         gap = np.abs(density(a, grid, width=width) - density(b, grid, width=width))

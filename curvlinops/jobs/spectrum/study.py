@@ -28,6 +28,7 @@ from curvlinops.jobs.spectrum.problem import (
     SpectrumConfig,
     initial_state,
     make_digits,
+    measured_steps,
     minibatches,
 )
 from curvlinops.losses import CrossEntropyLoss
@@ -39,9 +40,17 @@ LOSS = CrossEntropyLoss(reduction="mean")
 
 
 def run_backend(
-    framework: str, digits: Digits, config: SpectrumConfig, say: Callable[[str], None]
+    framework: str,
+    digits: Digits,
+    config: SpectrumConfig,
+    primary: str,
+    say: Callable[[str], None],
 ) -> dict:
-    """Train in ``framework`` and measure at every checkpoint; the backend's report section."""
+    """Train in ``framework`` and measure at its checkpoints; the backend's report section.
+
+    The ``primary`` backend (plotted) measures every checkpoint; another one,
+    its twin, those of ``config.twin_steps`` (:func:`measured_steps`).
+    """
     start = time.perf_counter()
     weights, stats = initial_state(digits.seed, config.channels, config.blocks, config.dtype)
     batches = minibatches(digits.seed, len(digits.y_train), config.batch_size, max(config.steps))
@@ -59,7 +68,7 @@ def run_backend(
     training_seconds = time.perf_counter() - start
     say(f"{framework}: trained {max(config.steps)} steps in {training_seconds:.1f} s")
     checkpoints = []
-    for step in sorted(kept):
+    for step in measured_steps(config, twin=framework != primary):
         entry = {"step": step, **measure(framework, *kept[step], digits, config)}
         checkpoints.append(entry)
         say(_checkpoint_line(framework, entry))
