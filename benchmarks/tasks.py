@@ -56,6 +56,8 @@ ITER_LADDER = (20, 30, 40, 60, 80, 100, 150, 200, 300, 400)
 K = 5
 GRADIENT_SAMPLES = 10
 TIMED_RUNS = 2
+LONG_RUN_SECONDS = 30.0
+"""A setting whose cold run took longer is timed once (the median of two otherwise)."""
 
 
 def _threads_env() -> dict[str, str]:
@@ -257,7 +259,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     else:
         return {"met": False, "tried": tried, "setting_name": setting_name}
     seconds = []
-    for _ in range(TIMED_RUNS):
+    for _ in range(TIMED_RUNS if tried[-1]["cold_seconds"] < LONG_RUN_SECONDS else 1):
         start = time.perf_counter()
         result = run(setting)
         seconds.append(time.perf_counter() - start)
