@@ -30,7 +30,7 @@ COLUMNS_PER_BLOCK = 512
 """Columns of the identity per product when the dense reference Hessian is built."""
 
 
-def reference(problem: Any) -> dict:
+def slq_reference(problem: Any) -> dict:
     """The exact eigenvalues of the float64 Hessian (this library's PyTorch operator, dense)."""
     import torch
 
@@ -178,7 +178,7 @@ def _lanczos_columns(hvp: Callable, q: Any, steps: int) -> tuple[np.ndarray, np.
 
 SLQ = Task(
     "float32", 0.05, "Hessian spectral density by SLQ, L1 distance 0.05 (small sizes)",
-    reference, error,
+    slq_reference, error,
     {"ours-torch": _ours("torch"), "ours-jax": _ours("jax"),
      "hessian-eigenthings": _hessian_eigenthings, "cfp": _cfp, "floor": _floor},
     small=True,

@@ -95,7 +95,7 @@ def test_slq_error_is_zero_for_the_exact_spectrum_and_grows_with_a_shift():
 
 def test_slq_floor_meets_the_dense_reference_on_a_tiny_cnn():
     problem = make_problem("cnn", dtype="float64", quick=True)
-    reference = task_slq.reference(problem)
+    reference = task_slq.slq_reference(problem)
     assert len(reference["eigenvalues"]) == problem.num_params
     run, _, _ = task_slq._floor(make_problem("cnn", dtype="float32", quick=True), reference)
     assert task_slq.error(run((16, 60)), reference) <= task_slq.SLQ.accuracy
