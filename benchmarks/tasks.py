@@ -1,22 +1,32 @@
 """``python -m benchmarks --tasks``: end-to-end tasks at a stated accuracy, a process each.
 
-A task is what a user runs, judged against a float64 reference: here the top-5
-Hessian eigenvalues (largest algebraic) to a relative 1e-3 (float32) and 1e-6
-(float64). Each contender runs in a process of its own (1 thread: torch, XLA,
-BLAS), with the loosest of its own settings (a ladder: ``tol`` for the solvers
-with a residual test, ``max_iter`` for hessian-eigenthings' Lanczos) whose
-result meets the accuracy; that setting's warm run is timed. Times are given
-in seconds and in gradients of the contender's own framework (loss and
-gradient of the whole batch, measured in the same process before and after
-the task, so that load on the machine hits both alike).
+A task is what a user runs, judged against a float64 reference:
 
-Contenders: this library in PyTorch and JAX (``curvlinops.eigsh``),
-hessian-eigenthings 1.0.0a5 (``lanczos``), curvlinops-for-pytorch 3.0.1 with
-scipy's ``eigsh`` on ``H.to_scipy()`` (as its documentation does), and the
-hand-written floor (double backward in PyTorch, scipy's ``eigsh`` on a plain
-``LinearOperator``).
+* ``eigsh5-1e-3`` / ``eigsh5-1e-6``: the top-5 Hessian eigenvalues (largest
+  algebraic) to a relative 1e-3 (float32) and 1e-6 (float64);
+* ``trace-1%``: the GGN's trace to 1 % with a 95 % confidence interval
+  (:mod:`benchmarks.task_defs`);
+* ``slq``: the Hessian's spectral density by SLQ, L1 distance 0.05 to the
+  exactly smoothed density, on the small problem sizes (:mod:`benchmarks.task_slq`);
+* ``cg-1e-6``: ``(G + λ I) x = g`` to a relative residual of 1e-6 (float64).
 
-Run: ``python -m benchmarks --tasks [--problems mlp] [--contenders ...] [--pin CPU]``.
+Each contender runs in a process of its own (1 thread: torch, XLA, BLAS), with
+the loosest of its own settings (a ladder: ``tol`` for the solvers with a
+residual test, ``max_iter`` for hessian-eigenthings' Lanczos, probe and step
+counts for the estimators) whose result meets the accuracy; that setting's
+warm run is timed. Times are given in seconds and in gradients of the
+contender's own framework (loss and gradient of the whole batch, measured in
+the same process before and after the task, so that load on the machine hits
+both alike).
+
+Contenders: this library in PyTorch and JAX, hessian-eigenthings 1.0.0a5,
+curvlinops-for-pytorch 3.0.1 with scipy where it has no solver of its own (as
+its documentation does), and the hand-written floor (PyTorch products by hand,
+scipy's solvers on a plain ``LinearOperator``). A contender without the
+function gets a row saying so.
+
+Run: ``python -m benchmarks --tasks [--problems mlp cnn transformer] [--task-names ...]
+[--contenders ...] [--pin CPU]``.
 """
 
 from __future__ import annotations
@@ -34,7 +44,9 @@ from typing import Any
 
 import numpy as np
 
-TASKS = {"eigsh5-1e-3": ("float32", 1e-3), "eigsh5-1e-6": ("float64", 1e-6)}
+from benchmarks.task_defs import CG, TRACE, Task
+from benchmarks.task_slq import SLQ
+
 CONTENDERS = ("ours-torch", "ours-jax", "hessian-eigenthings", "cfp", "floor")
 FRAMEWORK = {"ours-jax": "jax"}
 TOL_LADDER = (1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8, 1e-9, 1e-10)
@@ -44,6 +56,8 @@ ITER_LADDER = (20, 30, 40, 60, 80, 100, 150, 200, 300, 400)
 K = 5
 GRADIENT_SAMPLES = 10
 TIMED_RUNS = 2
+LONG_RUN_SECONDS = 30.0
+"""A setting whose cold run took longer is timed once (the median of two otherwise)."""
 
 
 def _threads_env() -> dict[str, str]:
@@ -94,20 +108,23 @@ def _gradient_timer(framework: str, problem: Any) -> Callable[[], float]:
     return timed
 
 
-def _ours(framework: str, problem: Any) -> Callable[[float], np.ndarray]:
-    import curvlinops as cl
+def _ours(framework: str) -> Callable:
+    def make(problem: Any, reference: dict) -> tuple[Callable, tuple, str]:
+        import curvlinops as cl
 
-    fp = problem.torch() if framework == "torch" else problem.jax()
-    H = cl.HessianLinearOperator(fp.model_func, fp.loss_func, fp.params, fp.data)
+        fp = problem.torch() if framework == "torch" else problem.jax()
+        H = cl.HessianLinearOperator(fp.model_func, fp.loss_func, fp.params, fp.data)
 
-    def run(tol: float) -> np.ndarray:
-        values = cl.eigsh(H, k=K, which="LA", tol=tol, return_eigenvectors=False)
-        return np.asarray(H.backend.to_numpy(values), np.float64)
+        def run(tol: float) -> np.ndarray:
+            values = cl.eigsh(H, k=K, which="LA", tol=tol, return_eigenvectors=False)
+            return np.asarray(H.backend.to_numpy(values), np.float64)
 
-    return run
+        return run, TOL_LADDER, "tol"
+
+    return make
 
 
-def _hessian_eigenthings(problem: Any) -> Callable[[int], np.ndarray]:
+def _hessian_eigenthings(problem: Any, reference: dict) -> tuple[Callable, tuple, str]:
     import hessian_eigenthings as he
 
     fp = problem.torch()
@@ -120,10 +137,10 @@ def _hessian_eigenthings(problem: Any) -> Callable[[int], np.ndarray]:
                             reorthogonalize=True)  # fmt: skip
         return np.asarray(result.eigenvalues.detach().cpu().numpy(), np.float64)
 
-    return run
+    return run, ITER_LADDER, "max_iter"
 
 
-def _scipy_eigsh(operator: Any, n: int) -> Callable[[float], np.ndarray]:
+def _scipy_eigsh(operator: Any, n: int) -> tuple[Callable, tuple, str]:
     import scipy.sparse.linalg
 
     v0 = np.random.default_rng(0).standard_normal(n)
@@ -132,10 +149,10 @@ def _scipy_eigsh(operator: Any, n: int) -> Callable[[float], np.ndarray]:
         return scipy.sparse.linalg.eigsh(operator, k=K, which="LA", tol=tol, v0=v0,
                                          return_eigenvectors=False)  # fmt: skip
 
-    return run
+    return run, TOL_LADDER, "tol"
 
 
-def _cfp(problem: Any) -> Callable[[float], np.ndarray]:
+def _cfp(problem: Any, reference: dict) -> tuple[Callable, tuple, str]:
     from benchmarks.contenders import load_cfp
 
     cfp = load_cfp()
@@ -145,7 +162,7 @@ def _cfp(problem: Any) -> Callable[[float], np.ndarray]:
     return _scipy_eigsh(H.to_scipy(), problem.num_params)
 
 
-def _floor(problem: Any) -> Callable[[float], np.ndarray]:
+def _floor(problem: Any, reference: dict) -> tuple[Callable, tuple, str]:
     """Double backward by hand, scipy's ``eigsh`` on a plain ``LinearOperator``."""
     import torch
     from scipy.sparse.linalg import LinearOperator
@@ -168,49 +185,83 @@ def _floor(problem: Any) -> Callable[[float], np.ndarray]:
     return _scipy_eigsh(operator, n)
 
 
-def _contender(name: str, problem: Any) -> tuple[Callable[[Any], np.ndarray], tuple, str]:
-    """The contender's run function, its settings ladder and the setting's name."""
-    if name in ("ours-torch", "ours-jax"):
-        return _ours(FRAMEWORK.get(name, "torch"), problem), TOL_LADDER, "tol"
-    if name == "hessian-eigenthings":
-        return _hessian_eigenthings(problem), ITER_LADDER, "max_iter"
-    if name == "cfp":
-        return _cfp(problem), TOL_LADDER, "tol"
-    return _floor(problem), TOL_LADDER, "tol"
+def eigsh_reference(problem: Any) -> dict:
+    """Top-5 eigenvalues in float64: this library's PyTorch Hessian, ARPACK to machine precision."""
+    import scipy.sparse.linalg
+
+    import curvlinops as cl
+
+    fp = problem.torch()
+    H = cl.HessianLinearOperator(fp.model_func, fp.loss_func, fp.params, fp.data)
+    v0 = np.random.default_rng(1).standard_normal(problem.num_params)
+    values = scipy.sparse.linalg.eigsh(H, k=K, which="LA", tol=0, v0=v0, return_eigenvectors=False)
+    return {"values": np.sort(values).tolist(), "how": "float64, scipy eigsh tol=0 on our torch H"}
 
 
-def _error(values: np.ndarray, reference: np.ndarray) -> float:
+def eigsh_error(values: np.ndarray, reference: dict) -> float:
+    """Largest relative error of the sorted eigenvalues."""
     values = np.sort(np.asarray(values, np.float64))
-    return float(np.max(np.abs(values - reference) / np.abs(reference)))
+    exact = np.asarray(reference["values"])
+    return float(np.max(np.abs(values - exact) / np.abs(exact)))
+
+
+_EIGSH_CONTENDERS = {
+    "ours-torch": _ours("torch"),
+    "ours-jax": _ours("jax"),
+    "hessian-eigenthings": _hessian_eigenthings,
+    "cfp": _cfp,
+    "floor": _floor,
+}
+TASKS: dict[str, Task] = {
+    "eigsh5-1e-3": Task("float32", 1e-3, "top-5 Hessian eigenvalues, rel. 1e-3",
+                        eigsh_reference, eigsh_error, _EIGSH_CONTENDERS),
+    "eigsh5-1e-6": Task("float64", 1e-6, "top-5 Hessian eigenvalues, rel. 1e-6",
+                        eigsh_reference, eigsh_error, _EIGSH_CONTENDERS),
+    "trace-1%": TRACE,
+    "slq": SLQ,
+    "cg-1e-6": CG,
+}  # fmt: skip
+DEFAULT_TASKS = ("eigsh5-1e-3", "trace-1%", "slq", "cg-1e-6")
+"""What a plain ``--tasks`` runs (``eigsh5-1e-6`` in float64 takes minutes per contender)."""
+
+
+def _summary(result: Any) -> Any:
+    """The result itself where it is short (eigenvalues, an estimate and its error)."""
+    array = np.asarray(result, dtype=np.float64)
+    return array.tolist() if array.size <= 2 * K else None
+
+
+def _problem(args: argparse.Namespace, task: Task, dtype: str) -> Any:
+    from benchmarks.problems import make_problem
+
+    return make_problem(args.problem, dtype=dtype, quick=args.quick or task.small)
 
 
 def worker(args: argparse.Namespace) -> dict[str, Any]:
     """Run one contender on one task and problem; the result as a dict."""
-    dtype, accuracy = TASKS[args.task]
+    task = TASKS[args.task]
     framework = FRAMEWORK.get(args.contender, "torch")
-    _set_threads(framework, dtype)
-    from benchmarks.problems import make_problem
-
-    problem = make_problem(args.problem, dtype=dtype, quick=args.quick)
-    reference = np.sort(np.asarray(json.loads(Path(args.reference).read_text())["values"]))
+    _set_threads(framework, task.dtype)
+    problem = _problem(args, task, task.dtype)
+    reference = json.loads(Path(args.reference).read_text())
     gradient = _gradient_timer(framework, problem)
     before = [gradient() for _ in range(GRADIENT_SAMPLES)]
-    run, ladder, setting_name = _contender(args.contender, problem)
+    run, ladder, setting_name = task.contenders[args.contender](problem, reference)
     tried = []
     for setting in ladder:
         start = time.perf_counter()
-        values = run(setting)  # also the warm-up (JAX compiles here)
+        result = run(setting)  # also the warm-up (JAX compiles here)
         cold = time.perf_counter() - start
-        error = _error(values, reference)
+        error = task.error(result, reference)
         tried.append({"setting": setting, "error": error, "cold_seconds": cold})
-        if error <= accuracy:
+        if error <= task.accuracy:
             break
     else:
         return {"met": False, "tried": tried, "setting_name": setting_name}
     seconds = []
-    for _ in range(TIMED_RUNS):
+    for _ in range(TIMED_RUNS if tried[-1]["cold_seconds"] < LONG_RUN_SECONDS else 1):
         start = time.perf_counter()
-        values = run(setting)
+        result = run(setting)
         seconds.append(time.perf_counter() - start)
     after = [gradient() for _ in range(GRADIENT_SAMPLES)]
     grad_s = statistics.median(before + after)
@@ -221,10 +272,12 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         "seconds": statistics.median(seconds),
         "gradient_seconds": grad_s,
         "gradients": statistics.median(seconds) / grad_s,
-        "error": _error(values, reference),
+        "error": task.error(result, reference),
+        "result": _summary(result),
         "cold_seconds": tried[-1]["cold_seconds"],
         "tried": tried,
         "load": os.getloadavg(),
+        "num_params": problem.num_params,
     }
 
 
@@ -239,20 +292,12 @@ def _set_threads(framework: str, dtype: str) -> None:
 
 
 def reference(args: argparse.Namespace) -> dict[str, Any]:
-    """Top-5 eigenvalues in float64: this library's PyTorch Hessian, ARPACK to machine precision."""
-    import scipy.sparse.linalg
+    """The float64 reference of ``args.task`` on ``args.problem``."""
     import torch
 
     torch.set_num_threads(1)
-    import curvlinops as cl
-    from benchmarks.problems import make_problem
-
-    problem = make_problem(args.problem, dtype="float64", quick=args.quick)
-    fp = problem.torch()
-    H = cl.HessianLinearOperator(fp.model_func, fp.loss_func, fp.params, fp.data)
-    v0 = np.random.default_rng(1).standard_normal(problem.num_params)
-    values = scipy.sparse.linalg.eigsh(H, k=K, which="LA", tol=0, v0=v0, return_eigenvectors=False)
-    return {"values": np.sort(values).tolist(), "how": "float64, scipy eigsh tol=0 on our torch H"}
+    task = TASKS[args.task]
+    return task.reference(_problem(args, task, "float64"))
 
 
 # --- the driver -----------------------------------------------------------------------------
@@ -272,49 +317,76 @@ def _spawn(
     return json.loads(out.read_text())
 
 
+def _reference_file(args: argparse.Namespace, out: Path, problem: str, task: str) -> Path | None:
+    """The reference of ``task`` on ``problem`` (computed once, shared by tasks that share it)."""
+    ref_file = out / f"reference-{problem}-{TASKS[task].reference.__name__}.json"
+    if not ref_file.exists():
+        options = ["--reference-of", problem, "--task", task]
+        ref = _spawn(options, args, ref_file, timed=False)
+        if "how" not in ref:
+            print(ref.get("failed", ref), file=sys.stderr)
+            return None
+    return ref_file
+
+
+def _run_one(args: argparse.Namespace, out: Path, problem: str, task: str, contender: str,
+             ref_file: Path) -> dict[str, Any]:  # fmt: skip
+    result_file = out / f"{problem}-{task}-{contender}.json"
+    if contender in TASKS[task].missing:
+        result = {"met": False, "missing": TASKS[task].missing[contender]}
+    else:
+        options = ["--worker", "--task", task, "--problem", problem,
+                   "--contender", contender, "--reference", str(ref_file)]  # fmt: skip
+        result = _spawn(options, args, result_file)
+    result.update(problem=problem, task=task, contender=contender)
+    result_file.write_text(json.dumps(result, indent=1))
+    return result
+
+
 def drive(args: argparse.Namespace) -> int:
+    """Every (problem, task, contender), one process each; the table in ``out/tasks.md``."""
     out = args.out or Path("benchmarks/results") / time.strftime("tasks-%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for problem in args.problems:
-        ref_file = out / f"reference-{problem}.json"
-        if not ref_file.exists():
-            ref = _spawn(["--reference-of", problem], args, ref_file, timed=False)
-            if "values" not in ref:
-                print(ref.get("failed", ref), file=sys.stderr)
-                return 1
         for task in args.task_names:
+            ref_file = _reference_file(args, out, problem, task)
+            if ref_file is None:
+                return 1
             for contender in args.contenders:
-                result_file = out / f"{problem}-{task}-{contender}.json"
-                options = ["--worker", "--task", task, "--problem", problem,
-                           "--contender", contender, "--reference", str(ref_file)]  # fmt: skip
-                result = _spawn(options, args, result_file)
-                result.update(problem=problem, task=task, contender=contender)
-                result_file.write_text(json.dumps(result, indent=1))
-                rows.append(result)
-                print(_row(result), flush=True)
+                rows.append(_run_one(args, out, problem, task, contender, ref_file))
+                print(_row(rows[-1]), flush=True)
     (out / "tasks.md").write_text(table(rows, args.pin))
     print(f"\nwritten to {out}")
     return 0
 
 
+def _setting(r: dict[str, Any]) -> str:
+    setting = r["setting"]
+    text = ", ".join(map(str, setting)) if isinstance(setting, list) else f"{setting:g}"
+    return f"{r['setting_name']}={text}"
+
+
 def _row(r: dict[str, Any]) -> str:
+    start = f"| {r['problem']} | {r['task']} | {r['contender']} |"
     if not r.get("met"):
+        if "missing" in r:
+            return f"{start} {r['missing']} | | | | |"
         reason = "failed" if "failed" in r else "accuracy not met at any setting"
-        return f"| {r['problem']} | {r['task']} | {r['contender']} | {reason} | | | | |"
-    return (f"| {r['problem']} | {r['task']} | {r['contender']} | {r['setting_name']}="
-            f"{r['setting']:g} | {r['seconds']:.2f} | {r['gradients']:.0f} | "
+        return f"{start} {reason} | | | | |"
+    return (f"{start} {_setting(r)} | {r['seconds']:.2f} | {r['gradients']:.0f} | "
             f"{1e3 * r['gradient_seconds']:.1f} | {r['error']:.1e} |")  # fmt: skip
 
 
 def table(rows: list[dict[str, Any]], pin: str | None) -> str:
+    """The Markdown table of ``rows``, with the conditions it was measured under."""
     loads = [r["load"][0] for r in rows if "load" in r]
     head = (
         f"1 thread (torch, XLA, BLAS), {'pinned to CPU ' + pin if pin else 'not pinned'}, "
         "one contender per process; "
         f"load average during the runs {min(loads, default=0):.1f}-{max(loads, default=0):.1f}.\n\n"
         "| problem | task | contender | setting | seconds | gradients | gradient ms | "
-        "rel. error |\n|---|---|---|---|---:|---:|---:|---:|\n"
+        "error |\n|---|---|---|---|---:|---:|---:|---:|\n"
     )
     return head + "\n".join(_row(r) for r in rows) + "\n"
 
@@ -322,7 +394,7 @@ def table(rows: list[dict[str, Any]], pin: str | None) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks --tasks", description=__doc__)
     parser.add_argument("--problems", nargs="+", default=["mlp"])
-    parser.add_argument("--task-names", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--task-names", nargs="+", default=list(DEFAULT_TASKS), choices=list(TASKS))
     parser.add_argument("--quick", action="store_true", help="small problems (a smoke test)")
     parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
     parser.add_argument("--pin", default=None, help="CPU to pin each process to (with flock)")

@@ -11,6 +11,7 @@ operator's own array library.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -431,6 +432,7 @@ class _BatchedCG:
         )
 
 
+@functools.cache  # one function per namespace: JAX compiles it once, not once per solve
 def _cg_update(xp: Any) -> Callable:
     """``x += alpha p``, ``r -= alpha A p`` per column (pure, compilable).
 
@@ -449,6 +451,7 @@ def _cg_update(xp: Any) -> Callable:
     return update
 
 
+@functools.cache
 def _cg_direction(xp: Any) -> Callable:
     """The next search directions ``p = z + beta p``; frozen columns get ``p = 0``."""
 

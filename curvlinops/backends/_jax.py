@@ -233,7 +233,7 @@ class JaxBackend(BackendDefaults):
         return jax.random.normal(jax.random.key(seed), shape, dtype=self.dtype)
 
     def random_rademacher(self, shape: tuple[int, ...], seed: int) -> jax.Array:
-        return jax.random.rademacher(jax.random.key(seed), shape, dtype=self.dtype)
+        return _rademacher_from_bits(jax.random.key(seed), tuple(shape), np.dtype(self.dtype))
 
     def random_uniform(self, shape: tuple[int, ...], seed: int) -> jax.Array:
         return jax.random.uniform(jax.random.key(seed), shape, dtype=self.dtype)
@@ -440,6 +440,20 @@ def _finite_sum(y: jax.Array) -> jax.Array:
     Eager ``sum`` and ``isfinite`` took two, about 0.5 ms of a 5 ms product.
     """
     return jnp.isfinite(jnp.sum(y))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _rademacher_from_bits(key: jax.Array, shape: tuple[int, ...], dtype: np.dtype) -> jax.Array:
+    """Independent ±1 entries, 32 from each random 32-bit word (one bit each).
+
+    ``jax.random.rademacher`` draws a word per entry: 528 ms for a block of 32
+    probes of 269,322 entries on one CPU core, against 47 ms here, a third of a
+    trace estimate's time on the benchmark MLP.
+    """
+    size = int(np.prod(shape, dtype=np.int64))
+    words = jax.random.bits(key, (-(-size // 32),), dtype=jnp.uint32)
+    bits = (words[:, None] >> jnp.arange(32, dtype=jnp.uint32)) & 1
+    return (2 * bits.reshape(-1)[:size].astype(dtype) - 1).reshape(shape)
 
 
 @functools.cache

@@ -1,0 +1,102 @@
+"""``python -m benchmarks --tasks``: the accuracy logic of the end-to-end tasks (no timing).
+
+A worker tries its contender's settings from the cheapest up and times the
+first one whose result meets the task's accuracy; these tests check that
+ladder, the references and the error measures on tiny problems: an
+independent estimate meets the reference, a wrong one does not.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # the benchmarks package lives at the repository root
+
+from benchmarks import task_defs, task_slq, tasks  # noqa: E402
+from benchmarks.problems import make_problem  # noqa: E402
+
+
+def _args(tmp_path: Path, task: str, contender: str, reference: dict) -> argparse.Namespace:
+    ref_file = tmp_path / "reference.json"
+    ref_file.write_text(json.dumps(reference))
+    return argparse.Namespace(task=task, contender=contender, problem="mlp", quick=True,
+                              reference=str(ref_file))  # fmt: skip
+
+
+def test_worker_times_the_first_setting_that_meets_the_accuracy(tmp_path, monkeypatch):
+    def make(problem, reference):
+        return (lambda setting: setting), (0.9, 0.3, 0.04, 0.01), "error"
+
+    fake = task_defs.Task("float32", 0.05, "fake", lambda p: {}, lambda r, ref: r, {"x": make})
+    monkeypatch.setitem(tasks.TASKS, "fake", fake)
+    monkeypatch.setattr(tasks, "GRADIENT_SAMPLES", 1)
+    result = tasks.worker(_args(tmp_path, "fake", "x", {"how": "none"}))
+    assert result["met"] and result["setting"] == 0.04 and result["error"] == 0.04
+    assert [t["setting"] for t in result["tried"]] == [0.9, 0.3, 0.04]
+    assert result["gradients"] > 0
+
+    fake = task_defs.Task("float32", 1e-3, "fake", lambda p: {}, lambda r, ref: r, {"x": make})
+    monkeypatch.setitem(tasks.TASKS, "fake", fake)
+    result = tasks.worker(_args(tmp_path, "fake", "x", {"how": "none"}))
+    assert not result["met"] and len(result["tried"]) == 4
+
+
+def test_a_missing_function_gets_a_row_saying_so(tmp_path):
+    args = argparse.Namespace()
+    row = tasks._run_one(args, tmp_path, "mlp", "cg-1e-6", "hessian-eigenthings", tmp_path)
+    assert not row["met"] and "no linear solver" in tasks._row(row)
+
+
+def test_trace_error_counts_the_confidence_interval():
+    reference = {"value": 100.0}
+    assert task_defs.trace_error((100.5, 0.1), reference) == pytest.approx(0.005)
+    assert task_defs.trace_error((100.0, 1.0), reference) == pytest.approx(0.0196)
+    assert task_defs.trace_error((102.0, 0.0), reference) == pytest.approx(0.02)
+
+
+def test_trace_reference_meets_an_independent_estimate():
+    problem = make_problem("cnn", dtype="float64", quick=True)
+    reference = task_defs.trace_reference(problem)
+    run, _, _ = task_defs._floor_trace(problem, reference)
+    estimate, stderr = run(("hutchinson", 256))
+    assert abs(estimate - reference["value"]) <= 4 * stderr  # Hutchinson by hand agrees
+    assert task_defs.trace_error((1.05 * reference["value"], 0.0), reference) > 0.01
+
+
+def test_cg_residual_is_recomputed_in_float64():
+    problem = make_problem("mlp", dtype="float64", quick=True)
+    reference = task_defs.cg_reference(problem)
+    run, ladder, _ = task_defs.CG.contenders["ours-torch"](problem, reference)
+    x = run(ladder[-1])
+    assert task_defs.cg_error(x, reference) <= 1e-6
+    assert task_defs.cg_error(np.zeros_like(x), reference) == pytest.approx(1.0)
+    assert task_defs.cg_error(1.01 * x, reference) > 1e-3
+
+
+def test_slq_error_is_zero_for_the_exact_spectrum_and_grows_with_a_shift():
+    eigenvalues = np.linspace(-1.0, 2.0, 300) ** 3
+    sigma = 0.01 * float(eigenvalues[-1] - eigenvalues[0])
+    grid = np.linspace(eigenvalues[0] - 5 * sigma, eigenvalues[-1] + 5 * sigma, 1024)
+    reference = {"eigenvalues": eigenvalues.tolist(), "sigma": sigma, "grid": grid.tolist()}
+    weights = np.full(eigenvalues.size, 1.0 / eigenvalues.size)
+    exact = task_slq.gaussian_mixture(grid, eigenvalues, weights, sigma)
+    assert np.trapezoid(exact, grid) == pytest.approx(1.0, abs=1e-6)
+    assert task_slq.error(exact, reference) == pytest.approx(0.0, abs=1e-12)
+    shifted = task_slq.gaussian_mixture(grid, eigenvalues + 3 * sigma, weights, sigma)
+    assert task_slq.error(shifted, reference) > 0.5
+
+
+def test_slq_floor_meets_the_dense_reference_on_a_tiny_cnn():
+    problem = make_problem("cnn", dtype="float64", quick=True)
+    reference = task_slq.slq_reference(problem)
+    assert len(reference["eigenvalues"]) == problem.num_params
+    run, _, _ = task_slq._floor(make_problem("cnn", dtype="float32", quick=True), reference)
+    assert task_slq.error(run((16, 60)), reference) <= task_slq.SLQ.accuracy
+    assert task_slq.error(run((1, 5)), reference) > task_slq.SLQ.accuracy
