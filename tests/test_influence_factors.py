@@ -178,3 +178,37 @@ def test_kept_captures_give_the_training_gradients_of_the_scores() -> None:
         scorer.self_scores(data, train_captures={})
     with pytest.raises(ValueError, match="keep_captures.*fisher_type='mc'"):
         fit_ekfac(_ekfac(model, data, fisher_type="mc"), keep_captures=True)
+
+
+@pytest.mark.parametrize("damping", ["heuristic", 1e-3])
+def test_module_partitions_add_up_to_the_whole(damping: object, tmp_path: object) -> None:
+    """Factors per module partition (an EK-FAC over that partition's parameters, each
+    resumable in a folder of its own): the partitions' scores add up to the whole's.
+
+    EK-FAC is block-diagonal over layers, and a layer's factors and corrections do not
+    depend on which other layers are measured: so kronfluence's module partitions.
+    """
+    from curvlinops.influence_scores import InfluenceScorer
+
+    model, data = _problem()
+    query = [(data[1][0][:2], data[1][1][:2])]
+    loss = losses.CrossEntropyLoss(reduction="sum", class_axis=-1)
+    params = list(model.parameters())
+    whole = _ekfac(model, data)
+    fit_ekfac(whole)
+    scorer = InfluenceScorer(whole, model, loss, params, damping=damping)
+    expected_pairwise = scorer.pairwise_scores(query, data)
+    expected_self = scorer.self_scores(data)
+    pairwise, self_scores, layers = 0, 0, []
+    for index, partition in enumerate((params[:2], params[2:])):  # a layer each
+        E = EKFACLinearOperator(
+            model, loss, partition, data, fisher_type="empirical", check_deterministic=False
+        )
+        fit_ekfac(E, output_dir=tmp_path / f"partition-{index}")
+        part = InfluenceScorer(E, model, loss, partition, damping=damping)
+        layers += part.layer_names
+        pairwise = pairwise + part.pairwise_scores(query, data)
+        self_scores = self_scores + part.self_scores(data)
+    assert layers == scorer.layer_names
+    torch.testing.assert_close(pairwise, expected_pairwise, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(self_scores, expected_self, rtol=1e-12, atol=1e-14)
