@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from curvlinops._checks import value_error
+
 __all__ = ["Digits", "SpectrumConfig", "initial_state", "make_digits", "minibatches", "num_params"]
 
 NUM_CLASSES = 10
@@ -78,9 +80,11 @@ def measured_steps(config: SpectrumConfig, twin: bool) -> tuple[int, ...]:
     if not twin or config.twin_steps == "all":
         return steps
     if config.twin_steps != "ends":
-        raise ValueError(
-            f"twin_steps: expected 'ends' or 'all', got {config.twin_steps!r}. "
-            "Use 'all' to measure every checkpoint on both backends."
+        raise value_error(
+            "twin_steps",
+            "'ends' or 'all'",
+            repr(config.twin_steps),
+            "Use 'all' to measure every checkpoint on both backends.",
         )
     return tuple(sorted({steps[0], steps[-1]}))
 
