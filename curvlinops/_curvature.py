@@ -348,9 +348,15 @@ class CurvatureOperator(LinearOperator):
         return cache if cache.holds_all(kept) else None
 
     def _apply_linearization(self, state: Any, V: Any, index: int, adjoint: bool) -> Any:
+        """A kept linearization applied to ``V``, in passes as wide as the backend prefers."""
         name = "_linearized_rmatmat" if adjoint else "_linearized_matmat"
         operand = self._batch_operand(V, index, adjoint)
-        return self._compiled(name, data_args=())(state, operand)
+        apply = self._compiled(name, data_args=())
+        width = self.backend.linearized_columns_per_pass
+        if width is None or operand.ndim == 1 or operand.shape[1] <= width:
+            return apply(state, operand)
+        passes = range(0, operand.shape[1], width)
+        return self.backend.concat([apply(state, operand[:, i : i + width]) for i in passes], 1)
 
     # --- the loss itself -------------------------------------------------------------
     def gradient_and_loss(self) -> tuple[Any, Any]:

@@ -297,6 +297,33 @@ def test_determinism_check_recomputes():
     assert H.cache_info()["builds"] == 0  # the check kept nothing
 
 
+# --- how wide a kept linearization is applied ------------------------------------------------
+def test_default_pass_width_of_the_replay(backend_name):
+    problem = build("mlp-ce-mean", backend_name)
+    width = _make(problem, "G").backend.linearized_columns_per_pass
+    # PyTorch replays its graphs a column at a time on the CPU; JAX vmaps the whole pass
+    assert width == (1 if backend_name == "torch" else None)
+
+
+@pytest.mark.parametrize(("backend", "width"), [("torch", None), ("torch", 2), ("jax", 2)])
+@pytest.mark.parametrize("kind", ["G", "J"])
+def test_replay_in_passes_of_any_width(backend, kind, width, monkeypatch):
+    """Any pass width (all 5 columns in one vmap; passes of 2, 2 and 1) gives the dense
+    product, for the operator and its adjoint (JAX vmaps all columns in other tests)."""
+    pytest.importorskip(backend)
+    problem = build("mlp-ce-mean", backend)
+    cached = _make(problem, kind, columns_per_pass=8)
+    monkeypatch.setattr(type(cached.backend), "linearized_columns_per_pass", width)
+    V = _probes(cached.shape)[:, [0, 1, 2, 0, 1]]
+    cached @ V  # builds
+    dense = _dense(problem, kind)
+    assert_close(cached @ V, dense @ V, name=f"{kind} width {width}")
+    if kind == "J":
+        U = np.random.default_rng(1).normal(size=(cached.shape[0], 5))
+        assert_close(cached.T @ U, dense.T @ U, name=f"{kind}.T width {width}")
+    assert cached.cache_info()["builds"] == 2
+
+
 # --- where nothing is kept -----------------------------------------------------------------
 def test_jax_jit_keeps_nothing():
     pytest.importorskip("jax")

@@ -323,6 +323,12 @@ class BackendDefaults:
         """Bytes that ``state`` (linearizations and arrays) keeps, parameters not counted."""
         return 0
 
+    linearized_columns_per_pass: int | None = None
+    """Columns a kept linearization is applied to in one :meth:`Backend.vmap` pass
+    (at most; the operator's ``columns_per_pass`` bounds it too). ``None``: as many
+    as the pass holds. A backend whose vectorised replay is slower than one column
+    at a time sets it (PyTorch on the CPU)."""
+
     def parameters_token(self) -> Any:
         """A value that changes when the parameters change in place (``None``: they cannot)."""
         return None
