@@ -42,9 +42,12 @@ def test_exact_ggn_diagonal(name: str, backend_name: str) -> None:
     D = operator(GGNDiagonalLinearOperator, problem)
     assert_close(to_numpy(D.diagonal()), expected, name="GGNDiagonal.diagonal()")
     assert_close(dense(D), np.diag(expected), name="GGNDiagonal @ I")
-    if name == "mlp-ce-mean":
+    if name in ("mlp-ce-mean", "seq_ct-ce-sum"):
         G = operator(GGNLinearOperator, problem)
         assert_close(to_numpy(G.diagonal()), expected, name="GGNLinearOperator.diagonal()")
+        trace = G.trace()
+        assert G.backend.owns(trace) and trace.shape == ()
+        assert_close(to_numpy(trace), np.trace(problem.dense["G"]), name="GGN trace()")
 
 
 def test_examples_per_pass_does_not_change_the_diagonal(backend_name: str) -> None:
@@ -89,6 +92,8 @@ def test_exact_ggn_diagonal_needs_a_standard_loss(backend_name: str) -> None:
         operator(GGNDiagonalLinearOperator, problem)
     with pytest.raises(TypeError, match="loss_func: expected MSELoss, CrossEntropyLoss or BCE"):
         operator(GGNLinearOperator, problem).diagonal()
+    with pytest.raises(TypeError, match="loss_func: expected MSELoss, CrossEntropyLoss or BCE"):
+        operator(GGNLinearOperator, problem).trace()
 
 
 def test_ggn_diagonal_bad_arguments(backend_name: str) -> None:
