@@ -70,6 +70,17 @@ def test_trace_reference_meets_an_independent_estimate():
     assert task_defs.trace_error((1.05 * reference["value"], 0.0), reference) > 0.01
 
 
+@pytest.mark.parametrize("bound", [task_defs.EXACT_TRACE_MAX_ENTRIES, 0])
+def test_ours_tries_the_exact_trace_first_where_it_is_cheap(bound, monkeypatch):
+    monkeypatch.setattr(task_defs, "EXACT_TRACE_MAX_ENTRIES", bound)
+    problem = make_problem("cnn", dtype="float64", quick=True)
+    reference = task_defs.trace_reference(problem)
+    run, ladder, _ = task_defs.TRACE.contenders["ours-torch"](problem, reference)
+    assert (ladder[0] == ("exact", 0)) == (bound > 0) and ladder[-1] == task_defs.TRACE_LADDER[-1]
+    if bound:
+        assert task_defs.trace_error(run(ladder[0]), reference) <= 1e-12
+
+
 def test_cg_residual_is_recomputed_in_float64():
     problem = make_problem("mlp", dtype="float64", quick=True)
     reference = task_defs.cg_reference(problem)
