@@ -9,7 +9,9 @@ product then only runs a backward pass through it (``retain_graph=True``):
   ``create_graph=True``), which is linear in ``u``; its derivative is ``J``.
 * ``H v``: the backward pass of the gradient's graph (``create_graph=True``).
 
-``torch.func.vmap`` runs these backward passes for many columns at once. The
+``torch.func.vmap`` runs these backward passes for many columns at once (on
+the CPU one column at a time instead, where that measured faster: see
+``TorchBackend.linearized_columns_per_pass``). The
 memory a linearization keeps is that of the tensors its graphs saved, found
 by walking the graphs (saved-tensor hooks would keep the tensors alive).
 """
