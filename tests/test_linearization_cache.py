@@ -305,8 +305,11 @@ def test_default_pass_width_of_the_replay(backend_name):
     assert width == (1 if backend_name == "torch" else None)
 
 
-@pytest.mark.parametrize(("backend", "width"), [("torch", None), ("torch", 2), ("jax", 2)])
-@pytest.mark.parametrize("kind", ["G", "J"])
+@pytest.mark.parametrize(
+    ("backend", "kind", "width"),
+    [("torch", "G", None), ("torch", "G", 2), ("torch", "J", None), ("torch", "J", 2),
+     ("jax", "J", 2)],
+)  # fmt: skip
 def test_replay_in_passes_of_any_width(backend, kind, width, monkeypatch):
     """Any pass width (all 5 columns in one vmap; passes of 2, 2 and 1) gives the dense
     product, for the operator and its adjoint (JAX vmaps all columns in other tests)."""
