@@ -372,8 +372,8 @@ def _inner(xp: Any, A: Any, B: Any) -> Any:
     (eagerly evaluated) arrays; JAX's compiled reductions are accurate already.
     """
     n = A.shape[-1]
-    if n <= ACCURATE_BLOCK:
-        return A @ B
+    if n <= ACCURATE_BLOCK or A.dtype in (xp.float64, xp.complex128):
+        return A @ B  # short, or summed in double precision already
     total = None
     for start in range(0, n, ACCURATE_BLOCK):
         stop = start + ACCURATE_BLOCK
