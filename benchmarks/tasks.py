@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -57,7 +58,11 @@ K = 5
 GRADIENT_SAMPLES = 10
 TIMED_RUNS = 2
 LONG_RUN_SECONDS = 30.0
-"""A setting whose cold run took longer is timed once (the median of two otherwise)."""
+"""A setting whose cold run took longer is timed once (the median of two or more otherwise)."""
+SHORT_TASK_SECONDS = 1.0
+MAX_TIMED_RUNS = 15
+"""A short task is timed about ``SHORT_TASK_SECONDS`` in all (at most ``MAX_TIMED_RUNS``
+runs): a median of two runs of 0.06 s moved by 1.5x between runs on a busy machine."""
 
 
 def _threads_env() -> dict[str, str]:
@@ -259,7 +264,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     else:
         return {"met": False, "tried": tried, "setting_name": setting_name}
     seconds = []
-    for _ in range(TIMED_RUNS if tried[-1]["cold_seconds"] < LONG_RUN_SECONDS else 1):
+    for _ in range(_timed_runs(tried[-1]["cold_seconds"])):
         start = time.perf_counter()
         result = run(setting)
         seconds.append(time.perf_counter() - start)
@@ -270,6 +275,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         "setting_name": setting_name,
         "setting": setting,
         "seconds": statistics.median(seconds),
+        "timed_runs": len(seconds),
         "gradient_seconds": grad_s,
         "gradients": statistics.median(seconds) / grad_s,
         "error": task.error(result, reference),
@@ -279,6 +285,13 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         "load": os.getloadavg(),
         "num_params": problem.num_params,
     }
+
+
+def _timed_runs(cold_seconds: float) -> int:
+    """Warm runs to time: one for a long task, enough for a stable median of a short one."""
+    if cold_seconds >= LONG_RUN_SECONDS:
+        return 1
+    return max(TIMED_RUNS, min(MAX_TIMED_RUNS, math.ceil(SHORT_TASK_SECONDS / cold_seconds)))
 
 
 def _set_threads(framework: str, dtype: str) -> None:

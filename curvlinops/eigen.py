@@ -336,10 +336,12 @@ def _lanczos_update(
         anorm = xp.maximum(anorm, xp.linalg.vector_norm(w, axis=0))
         alpha = _column_dots(xp, q, w, accurate)
         w = w - alpha * q - beta * q_prev
-        if reorthogonalize:
-            w = _project_out(xp, w, basis[:, :index, :] if writeable else basis, accurate,
-                             selective=writeable)  # fmt: skip
-        q_next, beta_next = _normalize(xp, w, tolerance * anorm, accurate)
+        norms = None
+        if reorthogonalize and writeable:
+            w, norms = _project_out_selective(xp, w, basis[:, :index, :], accurate)
+        elif reorthogonalize:
+            w = _project_out(xp, w, basis, accurate)
+        q_next, beta_next = _normalize(xp, w, tolerance * anorm, accurate, norms)
         if keep:
             basis = _add_row(xp, basis, positions, index, q_next, writeable)
         return alpha, q_next, beta_next, basis, anorm
@@ -370,8 +372,8 @@ def _inner(xp: Any, A: Any, B: Any) -> Any:
     (eagerly evaluated) arrays; JAX's compiled reductions are accurate already.
     """
     n = A.shape[-1]
-    if n <= ACCURATE_BLOCK:
-        return A @ B
+    if n <= ACCURATE_BLOCK or A.dtype in (xp.float64, xp.complex128):
+        return A @ B  # short, or summed in double precision already
     total = None
     for start in range(0, n, ACCURATE_BLOCK):
         stop = start + ACCURATE_BLOCK
@@ -382,42 +384,67 @@ def _inner(xp: Any, A: Any, B: Any) -> Any:
 
 def _column_dots(xp: Any, X: Any, Y: Any, accurate: bool) -> Any:
     """``sum(X * Y, axis=0)`` for ``(n, m)`` arrays (float64-summed blocks if ``accurate``)."""
-    if not accurate:
+    if not accurate or X.shape[0] <= ACCURATE_BLOCK:
         return xp.sum(X * Y, axis=0)
     Xt, Yt = xp.matrix_transpose(X)[:, None, :], xp.matrix_transpose(Y)[:, :, None]
     return _inner(xp, Xt, Yt)[:, 0, 0]
 
 
-def _project_out(xp: Any, W: Any, B: Any, accurate: bool = False, selective: bool = False) -> Any:
+def _project_out(xp: Any, W: Any, B: Any, accurate: bool = False) -> Any:
     """Remove from each column ``W[:, i]`` its components along the rows of ``B[i]``.
 
     ``W`` is ``(n, m)`` and ``B`` is ``(m, j, n)`` with orthonormal rows; two
-    passes of classical Gram-Schmidt ("twice is enough"). With ``selective``
-    (eager arrays: the test reads the host), the second pass runs only when
-    the first one shrank some column below :data:`REORTHOGONALIZE_RATIO` of its
-    norm (the Kahan-Parlett / DGKS test): otherwise the first pass left it
-    orthogonal to working precision, and the second would read the whole basis
-    again for nothing (half of SLQ's time on a 3,466-parameter MLP).
+    passes of classical Gram-Schmidt ("twice is enough").
     """
     Wt = xp.matrix_transpose(W)[:, :, None]  # (m, n, 1)
     Bt = xp.matrix_transpose(B)  # (m, n, j)
-    before = xp.linalg.vector_norm(W, axis=0) if selective else None
-    for second in (False, True):
-        if second and selective:
-            after = xp.linalg.vector_norm(Wt[:, :, 0], axis=1)
-            if bool(xp.all(after > REORTHOGONALIZE_RATIO * before)):
-                break
+    for _ in range(2):
         Wt = Wt - Bt @ (_inner(xp, B, Wt) if accurate else B @ Wt)
     return xp.matrix_transpose(Wt[:, :, 0])
 
 
-def _normalize(xp: Any, W: Any, threshold: Any, accurate: bool = False) -> tuple[Any, Any]:
-    """Unit columns ``W / ||W||``; columns with norm below ``threshold`` become zero."""
-    if accurate:
-        norms = xp.sqrt(_column_dots(xp, W, W, True))
-    else:
-        norms = xp.linalg.vector_norm(W, axis=0)
+def _project_out_selective(xp: Any, W: Any, B: Any, accurate: bool) -> tuple[Any, Any]:
+    """:func:`_project_out` for eager arrays, with the second pass only where it is needed.
+
+    The second pass runs only when the first one shrank some column below
+    :data:`REORTHOGONALIZE_RATIO` of its norm (the Kahan-Parlett / DGKS test;
+    the test reads the host): otherwise the first pass left it orthogonal to
+    working precision, and the second would read the whole basis again for
+    nothing (half of SLQ's time on a 3,466-parameter MLP). Returns the
+    columns and, when one pass sufficed, their norms (else ``None``).
+    """
+    Bt = xp.matrix_transpose(B)  # (m, n, j)
+    before = _column_norms(xp, W, accurate)
+    Wt = xp.matrix_transpose(W)[:, :, None]  # (m, n, 1)
+    Wt = Wt - Bt @ (_inner(xp, B, Wt) if accurate else B @ Wt)
+    W = xp.matrix_transpose(Wt[:, :, 0])
+    after = _column_norms(xp, W, accurate)
+    if bool(xp.all(after > REORTHOGONALIZE_RATIO * before)):
+        return W, after
+    Wt = Wt - Bt @ (_inner(xp, B, Wt) if accurate else B @ Wt)
+    return xp.matrix_transpose(Wt[:, :, 0]), None
+
+
+def _column_norms(xp: Any, W: Any, accurate: bool) -> Any:
+    if accurate and W.shape[0] > ACCURATE_BLOCK:
+        return xp.sqrt(_column_dots(xp, W, W, True))
+    return xp.linalg.vector_norm(W, axis=0)
+
+
+def _normalize(
+    xp: Any, W: Any, threshold: Any, accurate: bool = False, norms: Any = None
+) -> tuple[Any, Any]:
+    """Unit columns ``W / ||W||``; columns with norm below ``threshold`` become zero.
+
+    ``norms``: the columns' norms where known. With eager (``accurate``)
+    arrays, the common case of no small column is read on the host and takes
+    one division instead of the masked one.
+    """
+    if norms is None:
+        norms = _column_norms(xp, W, accurate)
     ok = norms > threshold
+    if accurate and bool(xp.all(ok)):
+        return W / norms, norms
     zeros = xp.zeros_like(norms)
     safe = xp.where(ok, norms, zeros + 1)
     return xp.where(ok, W / safe, xp.zeros_like(W)), xp.where(ok, norms, zeros)

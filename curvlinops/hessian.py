@@ -121,7 +121,7 @@ class HessianLinearOperator(CurvatureOperator):
         b, (lin, weight) = self.backend, state
 
         def column(v: Any) -> Any:
-            return b.flatten(b.linear_jvp(lin, b.unflatten(v)))
+            return b.linear_hvp(lin, v)
 
         return weight * map_columns(b, column, V)
 

@@ -319,6 +319,13 @@ class BackendDefaults:
         """``J v`` (``H v`` for a gradient) from a kept linearization; vectorisable."""
         raise NotImplementedError(f"backend {self.name!r} keeps no linearizations")
 
+    def linear_hvp(self, lin: Any, v: Any) -> Any:
+        """``H v`` for a flat ``v`` from a kept gradient linearization, flat; vectorisable.
+
+        Fallback: :meth:`linear_jvp` between :meth:`unflatten` and :meth:`flatten`.
+        """
+        return self.flatten(self.linear_jvp(lin, self.unflatten(v)))
+
     def cached_bytes(self, state: Any) -> int:
         """Bytes that ``state`` (linearizations and arrays) keeps, parameters not counted."""
         return 0

@@ -40,6 +40,7 @@ from curvlinops.backends._linearize_torch import (
     linearize_gradient,
     parameters_token,
     pull_back,
+    pull_back_flat,
 )
 from curvlinops.backends._protocol import BackendDefaults, single_cotangent
 
@@ -65,6 +66,7 @@ class TorchBackend(BackendDefaults):
         self.model_fn = _functional_model(model_func, params, names)
         # what the model reads: a change in place makes kept linearizations stale
         self._watched = _watched_tensors(model_func, self.primals)
+        self._token_views: dict = {}  # parameters_token's views, kept per layout
 
     # --- set-up -----------------------------------------------------------
     def loss(self, loss_func: Any) -> Any:
@@ -233,6 +235,9 @@ class TorchBackend(BackendDefaults):
             return pull_back(lin.forward, tangent)
         return pull_back(lin.transposed, tangent)[0]
 
+    def linear_hvp(self, lin: Any, v: torch.Tensor) -> torch.Tensor:
+        return self.flatten(pull_back_flat(lin, v))
+
     @property
     def linearized_columns_per_pass(self) -> int | None:
         # A kept graph replayed under vmap runs autograd's batched backward: on the
@@ -263,7 +268,7 @@ class TorchBackend(BackendDefaults):
         )
 
     def parameters_token(self) -> Any:
-        return parameters_token(self._watched)
+        return parameters_token(self._watched, self._token_views)
 
     compiles = False
 
