@@ -383,8 +383,11 @@ def _square_sum_fn(b: Any) -> Any:
 
 
 def _rows_per_example(shape: tuple[int, ...], num_examples: int) -> int:
-    """Output rows per input example: 1, or ``T`` for a model whose ``(N, T)`` inputs
-    give ``(N T, C)`` outputs (a language model's tokens, flattened example by example)."""
+    """Output rows per input example (1 for outputs ``(N, ...)`` of ``N`` examples).
+
+    ``T`` for a model whose ``(N, T)`` inputs give ``(N T, C)`` outputs: a
+    language model's tokens, flattened example by example.
+    """
     if shape[0] % num_examples:
         raise value_error(
             "model_func",

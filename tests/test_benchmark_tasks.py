@@ -70,6 +70,19 @@ def test_trace_reference_meets_an_independent_estimate():
     assert task_defs.trace_error((1.05 * reference["value"], 0.0), reference) > 0.01
 
 
+def test_trace_references_of_a_flattened_sequence_model_agree(monkeypatch):
+    """The language model's (B*T, V) outputs: exact diagonal and the stochastic reference."""
+    problem = make_problem("transformer", dtype="float64", quick=True)
+    exact = task_defs.trace_reference(problem)
+    assert exact["ci"] == 0.0 and "exact" in exact["how"]
+    monkeypatch.setattr(task_defs, "EXACT_DIAGONAL_OUTPUTS", 0)
+    monkeypatch.setattr(task_defs, "REFERENCE_PRODUCTS", 384)
+    estimate = task_defs.trace_reference(problem)
+    assert "Hutch++" in estimate["how"] and 0 < estimate["ci"] < 0.05
+    # within 2.5 of its 95 % half-widths (about 5 standard errors)
+    assert abs(estimate["value"] - exact["value"]) <= 2.5 * estimate["ci"] * estimate["value"]
+
+
 def test_cg_residual_is_recomputed_in_float64():
     problem = make_problem("mlp", dtype="float64", quick=True)
     reference = task_defs.cg_reference(problem)
