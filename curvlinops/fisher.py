@@ -314,7 +314,9 @@ def _per_example_diagonal(op: Any) -> Any:
         if n == 0:  # an empty batch (shard) adds nothing
             continue
         noise = op._noise(index, X)
-        columns_per_example = op._columns_per_example(op._output_shape(index, X))
+        shape = op._output_shape(index, X)
+        rows = _rows_per_example(shape, n)
+        columns_per_example = rows * op._columns_per_example(shape)
         chunk = _examples_per_pass(op, columns_per_example, n)
         if chunk >= n:
             part = whole(primals, X, y, noise)
@@ -322,7 +324,9 @@ def _per_example_diagonal(op: Any) -> Any:
             S = columns(primals, X, y, noise)
             part = sum(
                 square_sum_chunk(
-                    primals, _slice_batch(b, X, start, start + chunk), S[:, start : start + chunk]
+                    primals,
+                    _slice_batch(b, X, start, start + chunk),
+                    S[:, rows * start : rows * (start + chunk)],
                 )
                 for start in range(0, n, chunk)
             )
@@ -366,15 +370,53 @@ def _square_sum_fn(b: Any) -> Any:
             x_batch = _map_leaves(b, lambda leaf: xp.expand_dims(leaf, axis=0), x)
             _, pullback = b.vjp(lambda p: model(p, x_batch), primals)
 
-            def column(cotangent: Any) -> Any:
-                return b.flatten(pullback(xp.expand_dims(cotangent, axis=0)))
+            def column(cotangent: Any) -> Any:  # the outputs of one example: (rows, *out)
+                return b.flatten(pullback(cotangent))
 
             grads = b.vmap(column)(s)  # (k, P)
             return xp.sum(grads * grads, axis=0)
 
+        S = _columns_by_example(b, S, _leading_size(b, X))
         return xp.sum(b.vmap(example, in_axes=(0, 1))(X, S), axis=0)
 
     return square_sum
+
+
+def _rows_per_example(shape: tuple[int, ...], num_examples: int) -> int:
+    """Output rows per input example (1 for outputs ``(N, ...)`` of ``N`` examples).
+
+    ``T`` for a model whose ``(N, T)`` inputs give ``(N T, C)`` outputs: a
+    language model's tokens, flattened example by example.
+    """
+    if shape[0] % num_examples:
+        raise value_error(
+            "model_func",
+            f"outputs whose leading axis is a multiple of the {num_examples} examples of "
+            "the batch (one row or the same number of rows per example)",
+            f"outputs of shape {shape}",
+            "Return outputs of shape (N, ...) or (N * T, ...), example by example.",
+        )
+    return shape[0] // num_examples
+
+
+def _leading_size(b: Any, X: Any) -> int:
+    return int(b.tree_flatten(X)[0][0].shape[0])
+
+
+def _columns_by_example(b: Any, S: Any, num_examples: int) -> Any:
+    """Columns ``(k, N R, *out)`` as ``(k R, N, R, *out)``: per example, a column per row.
+
+    With ``R`` output rows per example, each row is a loss term of its own
+    (``(J_tᵀ s_t)²`` summed over rows ``t``, not ``(Σ_t J_tᵀ s_t)²``): row
+    ``t``'s column keeps row ``t`` of the example's cotangents and zeros the others.
+    """
+    xp, (k, rows_total), out = b.xp, S.shape[:2], S.shape[2:]
+    rows = rows_total // num_examples
+    S = xp.reshape(S, (k, num_examples, rows, *out))
+    if rows == 1:
+        return S
+    masks = xp.reshape(b.eye(rows), (rows, 1, 1, rows, *(1,) * len(out)))
+    return xp.reshape(masks * S[None], (rows * k, num_examples, rows, *out))
 
 
 def _map_leaves(b: Any, fn: Any, tree: Any) -> Any:

@@ -76,9 +76,23 @@ def test_ours_tries_the_exact_trace_first_where_it_is_cheap(bound, monkeypatch):
     problem = make_problem("cnn", dtype="float64", quick=True)
     reference = task_defs.trace_reference(problem)
     run, ladder, _ = task_defs.TRACE.contenders["ours-torch"](problem, reference)
-    assert (ladder[0] == ("exact", 0)) == (bound > 0) and ladder[-1] == task_defs.TRACE_LADDER[-1]
+    assert (ladder[0] == ("exact", 0)) == (bound > 0)
+    assert ladder[-1] == task_defs.OURS_TRACE_LADDER[-1]
     if bound:
         assert task_defs.trace_error(run(ladder[0]), reference) <= 1e-12
+
+
+def test_trace_references_of_a_flattened_sequence_model_agree(monkeypatch):
+    """The language model's (B*T, V) outputs: exact diagonal and the stochastic reference."""
+    problem = make_problem("transformer", dtype="float64", quick=True)
+    exact = task_defs.trace_reference(problem)
+    assert exact["ci"] == 0.0 and "exact" in exact["how"]
+    monkeypatch.setattr(task_defs, "EXACT_DIAGONAL_OUTPUTS", 0)
+    monkeypatch.setattr(task_defs, "REFERENCE_PRODUCTS", 384)
+    estimate = task_defs.trace_reference(problem)
+    assert "Hutch++" in estimate["how"] and 0 < estimate["ci"] < 0.05
+    # within 2.5 of its 95 % half-widths (about 5 standard errors)
+    assert abs(estimate["value"] - exact["value"]) <= 2.5 * estimate["ci"] * estimate["value"]
 
 
 def test_cg_residual_is_recomputed_in_float64():

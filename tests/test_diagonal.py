@@ -178,3 +178,94 @@ def test_diagonal_operator_bad_input() -> None:
         DiagonalLinearOperator(np.ones(2), like=DiagonalLinearOperator(np.ones(3)))
     with pytest.raises(ValueError, match=r"x: expected 2 rows to match the operator"):
         D @ np.ones((3, 1))
+
+
+# --- flattened sequence outputs: (N, T) inputs, (N T, C) outputs (a language model) -------------
+SEQ_VOCAB, SEQ_WIDTH, SEQ_CLASSES, SEQ_N, SEQ_T = 5, 3, 4, 3, 4
+
+
+def _flat_seq_weights() -> list[np.ndarray]:
+    rng = np.random.default_rng(11)
+    shapes = [(SEQ_VOCAB, SEQ_WIDTH), (SEQ_CLASSES, SEQ_WIDTH), (SEQ_CLASSES,)]
+    return [rng.normal(size=s) for s in shapes]
+
+
+def _flat_seq_forward(xp: Any, params: list, X: Any) -> Any:
+    """Embedding, causal running mean over positions (positions interact), tanh, linear head."""
+    embedding, weight, bias = params
+    running = xp.cumsum(embedding[X], axis=1) / xp.arange(1, X.shape[1] + 1)[:, None]
+    return xp.reshape(xp.tanh(running) @ weight.T + bias, (-1, weight.shape[0]))
+
+
+def _flat_seq_operator(cls: type, backend: str, drop: int = 0, **options: Any) -> Any:
+    """The operator ``cls`` of the model; ``drop``: leave out the last output rows."""
+    rng = np.random.default_rng(12)
+    X = rng.integers(0, SEQ_VOCAB, (SEQ_N, SEQ_T))
+    y = rng.integers(0, SEQ_CLASSES, SEQ_N * SEQ_T)[: SEQ_N * SEQ_T - drop]
+    weights = _flat_seq_weights()
+    if backend == "torch":
+        import torch
+
+        params = [torch.tensor(w, requires_grad=True) for w in weights]
+        data = [(torch.as_tensor(X), torch.as_tensor(y))]
+        model = lambda ps, X: _flat_seq_forward(torch, ps, X)[: len(y)]  # noqa: E731
+        return cls(model, torch.nn.CrossEntropyLoss(), params, data, **options)
+    import jax.numpy as jnp
+
+    from curvlinops.losses import CrossEntropyLoss
+
+    data = [(jnp.asarray(X), jnp.asarray(y))]
+    model = lambda ps, X: _flat_seq_forward(jnp, ps, X)[: len(y)]  # noqa: E731
+    params = [jnp.asarray(w) for w in weights]
+    return cls(model, CrossEntropyLoss(), params, data, **options)
+
+
+def _flat_seq_dense_ggn_diagonal() -> np.ndarray:
+    """``diag(Jᵀ H J)`` in float64 from the full Jacobian (autodiff) of the outputs."""
+    import torch
+
+    rng = np.random.default_rng(12)
+    X = torch.as_tensor(rng.integers(0, SEQ_VOCAB, (SEQ_N, SEQ_T)))
+    weights = [torch.as_tensor(w) for w in _flat_seq_weights()]
+    sizes = [w.numel() for w in weights]
+
+    def outputs(flat: Any) -> Any:
+        parts = [t.reshape(w.shape) for t, w in zip(torch.split(flat, sizes), weights)]
+        return _flat_seq_forward(torch, parts, X)
+
+    flat = torch.cat([w.reshape(-1) for w in weights])
+    z = outputs(flat).detach()
+    J = torch.func.jacrev(outputs)(flat)  # (N T, C, P)
+    p = torch.softmax(z, dim=-1)
+    H = (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]) / z.shape[0]  # mean over rows
+    return torch.einsum("ncp,ncd,ndp->p", J, H, J).numpy()
+
+
+def test_ggn_diagonal_of_flattened_sequence_outputs(backend_name: str) -> None:
+    """Outputs ``(N T, C)`` of ``(N, T)`` inputs: each row is a term (not the example's sum)."""
+    expected = _flat_seq_dense_ggn_diagonal()
+    D = _flat_seq_operator(GGNDiagonalLinearOperator, backend_name)
+    assert_close(to_numpy(D.diagonal()), expected, name="GGN diagonal, (N T, C) outputs")
+    G = _flat_seq_operator(GGNLinearOperator, backend_name)
+    assert_close(to_numpy(G.diagonal()), expected, name="GGNLinearOperator.diagonal()")
+    chunked = _flat_seq_operator(GGNDiagonalLinearOperator, backend_name, examples_per_pass=2)
+    assert_close(to_numpy(chunked.diagonal()), expected, name="examples_per_pass=2")
+
+
+@pytest.mark.parametrize("kind", ["ef", "mc"])
+def test_fisher_diagonals_of_flattened_sequence_outputs(kind: str, backend_name: str) -> None:
+    """The EF's and MC Fisher's diagonals on ``(N T, C)`` outputs: those of their matrices."""
+    from curvlinops import EFLinearOperator, FisherMCLinearOperator
+
+    cls, options = (
+        (EFLinearOperator, {}) if kind == "ef" else (FisherMCLinearOperator, {"mc_samples": 2})
+    )
+    F = _flat_seq_operator(cls, backend_name, **options)
+    expected = np.diag(to_numpy(F @ np.eye(F.shape[0])))
+    assert_close(to_numpy(F.diagonal()), expected, name=f"{kind} diagonal, (N T, C) outputs")
+
+
+def test_per_example_diagonal_needs_rows_per_example(backend_name: str) -> None:
+    """Output rows that are not a multiple of the examples: a clear error."""
+    with pytest.raises(ValueError, match="model_func: expected outputs whose leading axis"):
+        _flat_seq_operator(GGNDiagonalLinearOperator, backend_name, drop=1)
