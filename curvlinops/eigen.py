@@ -76,8 +76,13 @@ DGKS_RATIO = 0.7071067811865476
 """Orthogonalise a Krylov vector again when one pass shrank it below this share
 (Daniel, Gragg, Kaufman and Stewart, 1976; ARPACK's 0.717)."""
 
-ACCURATE_BLOCK = 1 << 14
-"""Length of the blocks whose inner products are summed in float64 (see :func:`_inner`)."""
+ACCURATE_BLOCK = 1 << 16
+"""Length of the blocks whose inner products are summed in float64 (see :func:`_inner`).
+
+Within a block BLAS sums in single precision: relative errors 8e-9 (2^16) and 2.6e-8
+(2^14) on 269,322 entries, 3.9e-8 and 5.6e-9 on 10^7, against 1.4e-6 for one call;
+each block costs five array operations, 17 of them per inner product at 2^14 on the
+benchmark MLP (a tenth of its eigsh)."""
 REORTHOGONALIZE_RATIO = 0.5**0.5
 """A Gram-Schmidt pass that leaves a vector above this share of its norm needs no second one."""
 MIN_EXTRA_VECTORS = 3

@@ -86,11 +86,19 @@ def test_bounded_eigsh_float32_torch_large_vector():
 
 
 def test_inner_blocks_agree_with_float64(monkeypatch):
+    """Single precision goes through the float64-summed blocks; double precision is one product."""
     monkeypatch.setattr(eigen, "ACCURATE_BLOCK", 16)
     rng = np.random.default_rng(0)
     A, B = rng.standard_normal((3, 2, 100)), rng.standard_normal((3, 100, 4))
     xp = eigen.array_api_compat.array_namespace(A)
-    np.testing.assert_allclose(eigen._inner(xp, A, B), A @ B, rtol=1e-12, atol=1e-12)
+    exact = A @ B
+    A32, B32 = A.astype(np.float32), B.astype(np.float32)
+    exact32 = A32.astype(np.float64) @ B32.astype(np.float64)
+    blocked = eigen._inner(xp, A32, B32)
+    assert blocked.dtype == np.float32
+    # a float32 result of float64-summed products: off by its own rounding only
+    np.testing.assert_allclose(blocked, exact32, rtol=4 * np.finfo(np.float32).eps, atol=1e-5)
+    np.testing.assert_allclose(eigen._inner(xp, A, B), exact, rtol=1e-12, atol=1e-12)
     X, Y = rng.standard_normal((100, 3)), rng.standard_normal((100, 3))
     np.testing.assert_allclose(
         eigen._column_dots(xp, X, Y, True), np.sum(X * Y, axis=0), rtol=1e-12, atol=1e-12
