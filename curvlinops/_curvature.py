@@ -352,7 +352,7 @@ class CurvatureOperator(LinearOperator):
         name = "_linearized_rmatmat" if adjoint else "_linearized_matmat"
         operand = self._batch_operand(V, index, adjoint)
         apply = self._compiled(name, data_args=())
-        width = self.backend.linearized_columns_per_pass
+        width = self.backend.linearized_columns_per_pass(self._cache.nbytes_of(index))
         if width is None or operand.ndim == 1 or operand.shape[1] <= width:
             return apply(state, operand)
         passes = range(0, operand.shape[1], width)

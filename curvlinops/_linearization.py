@@ -85,6 +85,7 @@ class LinearizationCache:
         self._entries: dict[int, Any] = {}
         self._sizes: dict[int, int] = {}
         self._refused: set[int] = set()
+        self._offered: dict[int, int] = {}
         self._token: Any = None
         self._paused = 0
         self.builds = 0
@@ -112,6 +113,10 @@ class LinearizationCache:
             self.clear()
             self._token = token
 
+    def nbytes_of(self, index: int) -> int:
+        """Bytes of batch ``index``'s linearization when it was last offered (0: unknown)."""
+        return self._offered.get(index, 0)
+
     def get(self, index: int) -> Any:
         """The linearization of batch ``index``, or ``None``."""
         return self._entries.get(index)
@@ -127,6 +132,7 @@ class LinearizationCache:
     def offer(self, index: int, state: Any, nbytes: int) -> None:
         """Keep ``state`` for batch ``index`` if it fits the budget; else recompute it later."""
         self.builds += 1
+        self._offered[index] = int(nbytes)
         budget = self.budget()
         if budget is not None and self.nbytes + nbytes > budget:
             self._refused.add(index)
@@ -155,6 +161,7 @@ class LinearizationCache:
         self._entries.clear()
         self._sizes.clear()
         self._refused.clear()
+        self._offered.clear()
         self._budget = None
 
     def info(self) -> dict[str, Any]:

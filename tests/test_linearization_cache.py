@@ -300,9 +300,14 @@ def test_determinism_check_recomputes():
 # --- how wide a kept linearization is applied ------------------------------------------------
 def test_default_pass_width_of_the_replay(backend_name):
     problem = build("mlp-ce-mean", backend_name)
-    width = _make(problem, "G").backend.linearized_columns_per_pass
-    # PyTorch replays its graphs a column at a time on the CPU; JAX vmaps the whole pass
-    assert width == (1 if backend_name == "torch" else None)
+    G = _make(problem, "G")
+    G @ _probes(G.shape)
+    kept = G.cache_info()["nbytes_per_batch"][0]
+    assert G._cache.nbytes_of(0) == kept > 0
+    widths = [G.backend.linearized_columns_per_pass(n) for n in (kept, 1 << 30)]
+    # PyTorch on the CPU replays large graphs a column at a time, small ones (this one)
+    # under vmap; JAX vmaps the whole pass
+    assert widths == ([None, 1] if backend_name == "torch" else [None, None])
 
 
 @pytest.mark.parametrize(
@@ -316,7 +321,9 @@ def test_replay_in_passes_of_any_width(backend, kind, width, monkeypatch):
     pytest.importorskip(backend)
     problem = build("mlp-ce-mean", backend)
     cached = _make(problem, kind, columns_per_pass=8)
-    monkeypatch.setattr(type(cached.backend), "linearized_columns_per_pass", width)
+    monkeypatch.setattr(
+        type(cached.backend), "linearized_columns_per_pass", lambda self, nbytes: width
+    )
     V = _probes(cached.shape)[:, [0, 1, 2, 0, 1]]
     cached @ V  # builds
     dense = _dense(problem, kind)

@@ -11,7 +11,7 @@ product then only runs a backward pass through it (``retain_graph=True``):
 
 ``torch.func.vmap`` runs these backward passes for many columns at once (on
 the CPU one column at a time instead, where that measured faster: see
-``TorchBackend.linearized_columns_per_pass``). The
+``TorchBackend.linearized_columns_per_pass``: large graphs). The
 memory a linearization keeps is that of the tensors its graphs saved, found
 by walking the graphs (saved-tensor hooks would keep the tensors alive).
 """

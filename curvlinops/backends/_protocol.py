@@ -330,11 +330,15 @@ class BackendDefaults:
         """Bytes that ``state`` (linearizations and arrays) keeps, parameters not counted."""
         return 0
 
-    linearized_columns_per_pass: int | None = None
-    """Columns a kept linearization is applied to in one :meth:`Backend.vmap` pass
-    (at most; the operator's ``columns_per_pass`` bounds it too). ``None``: as many
-    as the pass holds. A backend whose vectorised replay is slower than one column
-    at a time sets it (PyTorch on the CPU)."""
+    def linearized_columns_per_pass(self, nbytes: int) -> int | None:
+        """Columns a kept linearization of ``nbytes`` is applied to in one :meth:`vmap`.
+
+        At most; the operator's ``columns_per_pass`` bounds it too. Fallback:
+        ``None``, as many as the pass holds. A backend whose vectorised replay of
+        large linearizations is slower than one column at a time says so (PyTorch
+        on the CPU).
+        """
+        return None
 
     def parameters_token(self) -> Any:
         """A value that changes when the parameters change in place (``None``: they cannot)."""

@@ -47,6 +47,11 @@ from curvlinops.backends._protocol import BackendDefaults, single_cotangent
 __all__ = ["TorchBackend"]
 
 
+REPLAY_ONE_COLUMN_BYTES = 1 << 20
+"""Kept graphs from this size on are replayed one column at a time on the CPU (see
+:meth:`TorchBackend.linearized_columns_per_pass`): between the measured 0.1 MB and 10 MB."""
+
+
 class TorchBackend(BackendDefaults):
     """Backend for PyTorch models, parameters and arrays."""
 
@@ -238,13 +243,15 @@ class TorchBackend(BackendDefaults):
     def linear_hvp(self, lin: Any, v: torch.Tensor) -> torch.Tensor:
         return self.flatten(pull_back_flat(lin, v))
 
-    @property
-    def linearized_columns_per_pass(self) -> int | None:
-        # A kept graph replayed under vmap runs autograd's batched backward: on the
-        # CPU it was never faster than one column at a time, and on convolutions 2x
-        # slower (per column of 16: benchmark MLP 1.33 vs 1.34 gradients, transformer
-        # 2.77 vs 2.20, CNN 3.37 vs 1.66; GGN, 1 thread). Elsewhere: unmeasured, vmap.
-        return 1 if self.device.type == "cpu" else None
+    def linearized_columns_per_pass(self, nbytes: int) -> int | None:
+        # A kept graph replayed under vmap runs autograd's batched backward, whose
+        # copies grow with the graph: on the CPU, graphs of 10-60 MB replayed one
+        # column at a time at 1.0-0.4x the time per column (benchmark MLP, CNN,
+        # transformer; H and G, 8 columns, 1 thread), while graphs of 0.1 MB, where
+        # the per-call overhead rules, replayed 3-4x faster under vmap. Elsewhere:
+        # unmeasured, vmap.
+        large = nbytes >= REPLAY_ONE_COLUMN_BYTES
+        return 1 if self.device.type == "cpu" and large else None
 
     def cached_bytes(self, state: Any) -> int:
         leaves, _ = _flatten_structure(state)
