@@ -353,7 +353,9 @@ class CurvatureOperator(LinearOperator):
         operand = self._batch_operand(V, index, adjoint)
         apply = self._compiled(name, data_args=())
         width = self.backend.linearized_columns_per_pass(self._cache.nbytes_of(index))
-        if width is None or operand.ndim == 1 or operand.shape[1] <= width:
+        wide = width is None or operand.ndim == 1 or operand.shape[1] <= width
+        # traced (a compiled solver loop, jax.jit): one vmap, not a program per column
+        if wide or not self.backend.is_concrete(operand):
             return apply(state, operand)
         passes = range(0, operand.shape[1], width)
         return self.backend.concat([apply(state, operand[:, i : i + width]) for i in passes], 1)

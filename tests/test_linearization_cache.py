@@ -305,9 +305,9 @@ def test_default_pass_width_of_the_replay(backend_name):
     kept = G.cache_info()["nbytes_per_batch"][0]
     assert G._cache.nbytes_of(0) == kept > 0
     widths = [G.backend.linearized_columns_per_pass(n) for n in (kept, 1 << 30)]
-    # PyTorch on the CPU replays large graphs a column at a time, small ones (this one)
-    # under vmap; JAX vmaps the whole pass
-    assert widths == ([None, 1] if backend_name == "torch" else [None, None])
+    # on the CPU large linearizations are applied a column at a time, small ones (this
+    # one) under vmap
+    assert widths == [None, 1]
 
 
 @pytest.mark.parametrize(

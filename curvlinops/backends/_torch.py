@@ -42,14 +42,9 @@ from curvlinops.backends._linearize_torch import (
     pull_back,
     pull_back_flat,
 )
-from curvlinops.backends._protocol import BackendDefaults, single_cotangent
+from curvlinops.backends._protocol import BackendDefaults, one_column_on_cpu, single_cotangent
 
 __all__ = ["TorchBackend"]
-
-
-REPLAY_ONE_COLUMN_BYTES = 1 << 20
-"""Kept graphs from this size on are replayed one column at a time on the CPU (see
-:meth:`TorchBackend.linearized_columns_per_pass`): between the measured 0.1 MB and 10 MB."""
 
 
 class TorchBackend(BackendDefaults):
@@ -250,8 +245,7 @@ class TorchBackend(BackendDefaults):
         # transformer; H and G, 8 columns, 1 thread), while graphs of 0.1 MB, where
         # the per-call overhead rules, replayed 3-4x faster under vmap. Elsewhere:
         # unmeasured, vmap.
-        large = nbytes >= REPLAY_ONE_COLUMN_BYTES
-        return 1 if self.device.type == "cpu" and large else None
+        return one_column_on_cpu(self.device.type == "cpu", nbytes)
 
     def cached_bytes(self, state: Any) -> int:
         leaves, _ = _flatten_structure(state)
