@@ -434,9 +434,11 @@ def _host(backend: Any, x: Any) -> Any:
     return backend.to_numpy(x) if backend.owns(x) else np.asarray(x)
 
 
-REPLAY_ONE_COLUMN_BYTES = 1 << 20
+REPLAY_ONE_COLUMN_BYTES = 8 << 20
 """Kept linearizations from this size on are applied one column at a time on a CPU
-(PyTorch, JAX): measured faster from about 8 MB on, 3-6x slower at 0.1 MB."""
+(PyTorch, JAX): measured faster from about 8 MB on, 3-6x slower at 0.1 MB. Between,
+mixed: the influence job's 1.6 MB GGN took 1.6x longer in its CG one column at a
+time, though a standalone product of it was 0.8x."""
 
 
 def one_column_on_cpu(on_cpu: bool, nbytes: int) -> int | None:
