@@ -57,11 +57,10 @@ class TorchLinearization:
     ) -> None:
         self.output, self.inputs = output, inputs
         self.forward, self.transposed = forward, transposed
-        # the graph whose roots are parameter-shaped, its roots joined into one flat root:
-        # one cotangent per pullback instead of one per parameter (a fifth of a small
-        # transformer's Hessian product went into checking those cotangents)
-        shaped = transposed if transposed is not None else forward if output is None else None
-        self.flat = (None, ()) if shaped is None else _joined(*shaped, inputs)
+        # a gradient's roots joined into one flat root (linear_hvp): one cotangent per
+        # pullback instead of one per parameter (a fifth of a small transformer's
+        # Hessian product went into checking those cotangents)
+        self.flat = _joined(*forward, inputs) if output is None else (None, ())
         roots = list(forward[0]) + (list(transposed[0]) if transposed else [])
         parameters = {t.untyped_storage().data_ptr() for t in inputs}
         kept = [t for t in (output, self.flat[0]) if t is not None]
@@ -132,13 +131,13 @@ def pull_back(
 
 
 def pull_back_flat(lin: TorchLinearization, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """A flat cotangent of the parameter-shaped roots pulled back; the graph is kept.
+    """``H v`` (parameter-shaped) of a gradient's linearization for a flat ``v``; kept.
 
-    ``H v`` (parameter-shaped) for a gradient's linearization, ``(J v,)`` for a
-    transposed one.
+    Raises:
+        ValueError: ``lin`` is not a gradient's linearization.
     """
-    if lin.transposed is None and lin.output is not None:
-        raise ValueError("pull_back_flat: the linearization has no parameter-shaped roots")
+    if lin.output is not None:
+        raise ValueError("pull_back_flat: expected a gradient's linearization (no output)")
     root, wrt = lin.flat
     if root is None:
         return tuple(torch.zeros_like(w) for w in wrt)
