@@ -238,13 +238,31 @@ def test_jax_krylov_steps_compile_once_and_donate_their_basis():
     np.testing.assert_allclose(Q.T @ dense @ Q, to_numpy(result.tridiagonal()), atol=1e-11)
 
 
-def test_eigsh_finds_repeated_eigenvalues():
-    torch = pytest.importorskip("torch")
-    # Krylov spaces see one direction per distinct eigenvalue; the solver restarts with
-    # a fresh direction after the breakdown and so finds the copies.
+@pytest.mark.parametrize("library", ["torch", "jax"])
+def test_eigsh_finds_repeated_eigenvalues(library):
+    pytest.importorskip(library)
+    # Krylov spaces see one direction per distinct eigenvalue; the solver goes on with
+    # a fresh direction after the (near) breakdown and so finds the copies, rather
+    # than stopping early on the invariant subspace's exact pairs.
     A = np.diag([9.0, 9.0, 9.0, *np.arange(1.0, 9.0)])
-    values = eigsh(torch.as_tensor(A), k=4, which="LA", return_eigenvectors=False)
+    values = eigsh(native_matrix(A, library), k=4, which="LA", return_eigenvectors=False)
     np.testing.assert_allclose(to_numpy(values), [8.0, 9.0, 9.0, 9.0], atol=1e-10)
+
+
+@pytest.mark.parametrize("which", ["LA", "SA"])
+@pytest.mark.parametrize("library", ["torch", "jax"])
+def test_eigsh_stops_at_the_step_its_pairs_converge(library, which):
+    """Tested after every product, not only when the basis is full (``ncv`` = 20 here)."""
+    pytest.importorskip(library)
+    rng = np.random.default_rng(3)
+    Q, _ = np.linalg.qr(rng.standard_normal((300, 300)))
+    ends = np.array([25.0, 50.0, 100.0]) * (1 if which == "LA" else -1)
+    A = (Q * np.concatenate([ends, rng.uniform(-1.0, 1.0, 297)])) @ Q.T
+    values, vectors, info = eigsh(native_matrix(A, library), k=3, which=which, return_info=True)
+    # three eigenvalues 25x beyond the rest converge within a few steps of the third
+    assert info["restarts"] == 0 and info["products"] < info["ncv"] == 20
+    assert info["converged"]
+    assert_eigenpairs(A, values, vectors, reference(A, 3, which), 1e-9)
 
 
 def test_eigsh_is_seeded(backend_name):

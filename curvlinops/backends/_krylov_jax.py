@@ -206,9 +206,11 @@ class _State(NamedTuple):
     products: jax.Array
     breakdowns: jax.Array
     status: jax.Array  # RUNNING, CONVERGED, STOPPED (maxiter or basis spans all), NONFINITE
-    theta: jax.Array  # Ritz values of the last full basis
+    theta: jax.Array  # Ritz values of the last test (padded where the basis was not full)
     S: jax.Array  # their vectors in the basis
     residuals: jax.Array  # their residual estimates
+    order: jax.Array  # the Ritz values' order, most wanted first (padding last)
+    scale: jax.Array  # what tol is relative to: the largest |Ritz value|
 
 
 RUNNING, CONVERGED, STOPPED, NONFINITE = 0, 1, 2, 3
@@ -253,9 +255,8 @@ def thick_restart(
     block, num_blocks = _layout(n)
     basis = jnp.zeros((num_blocks, ncv, block), start.dtype)  # donated: updated in place
     state = _run_thick_restart(settings, consts, start, first_product, maxiter, tol, basis)
-    out = {name: getattr(state, name) for name in ("theta", "S", "residuals", "restarts",
-                                                   "products", "status")}  # fmt: skip
-    out["order"] = _order(state.theta, which)
+    out = {name: getattr(state, name) for name in ("theta", "S", "residuals", "order", "scale",
+                                                   "restarts", "products", "status")}  # fmt: skip
     if vectors:
         basis = state.V
         out["ritz_vectors"] = lambda columns: _ritz_vectors(basis, columns, n)
@@ -296,13 +297,21 @@ def _run_thick_restart(
         theta=jnp.zeros((ncv,), dtype),
         S=jnp.eye(ncv, dtype=dtype),
         residuals=jnp.zeros((ncv,), dtype),
+        order=jnp.arange(ncv, dtype=jnp.int32),
+        scale=zero,
     )
     state = _add_vector(settings, state, _blocked(w0, block, num_blocks))
 
     def step(state: _State) -> _State:
         w = settings.program(consts, _unblocked(state.next, n)[:, None])[:, 0]
         state = state._replace(products=state.products + 1)
-        return _add_vector(settings, state, _blocked(w, block, num_blocks))
+        state = _add_vector(settings, state, _blocked(w, block, num_blocks))
+        # tested while the basis fills too: stop at the step the pairs converge (not
+        # where the basis is nearly invariant: the next directions find repeated values)
+        invariant = state.resid <= math.sqrt(np.finfo(dtype).eps) * state.anorm
+        early = (state.size > settings.k) & (state.size < ncv) & ~invariant
+        early = early & (state.status == RUNNING)
+        return _test_early(settings, state, early, tol)
 
     def fill_test_restart(state: _State) -> _State:
         # no lax.cond returns the basis: XLA copied it into each branch's result
@@ -347,29 +356,76 @@ def _fresh_direction(settings: Settings, V: jax.Array, breakdowns: jax.Array) ->
     return w / _norms(w)
 
 
-def _order(theta: jax.Array, which: str) -> jax.Array:
-    """Indices of Ritz values, most wanted first."""
-    key = {"LA": -theta, "SA": theta, "LM": -jnp.abs(theta)}[which]
-    return jnp.argsort(key, stable=True)
+class _Ritz(NamedTuple):
+    theta: jax.Array
+    S: jax.Array
+    residuals: jax.Array
+    order: jax.Array
+    scale: jax.Array
+    converged: jax.Array
+    finite: jax.Array
+
+
+def _ritz(settings: Settings, s: _State, tol: Any) -> _Ritz:
+    """Ritz pairs of the filled ``size x size`` block of ``H``, and the convergence test.
+
+    The shapes stay ``ncv``: the unfilled part is a diagonal beyond the block's
+    spectrum (Gershgorin), its vectors are never wanted and their rows are zero.
+    """
+    ncv, k = settings.ncv, settings.k
+    filled = jnp.arange(ncv) < s.size
+    both = filled[:, None] & filled[None, :]
+    T = jnp.where(both, jnp.triu(s.H) + jnp.triu(s.H, k=1).T, 0)
+    pad = 2 * jnp.max(jnp.sum(jnp.abs(T), axis=1)) + 1
+    theta, S = jnp.linalg.eigh(T + jnp.diag(jnp.where(filled, 0, pad)))
+    S = S * filled[:, None]
+    valid = jnp.sum(S * S, axis=0) > 0.5
+    residuals = s.resid * jnp.abs(jnp.take(S, s.size - 1, axis=0))
+    key = {"LA": -theta, "SA": theta, "LM": -jnp.abs(theta)}[settings.which]
+    order = jnp.argsort(jnp.where(valid, key, jnp.inf), stable=True).astype(jnp.int32)
+    wanted = order[:k]
+    largest = jnp.max(jnp.where(valid, jnp.abs(theta), 0))
+    scale = jnp.maximum(largest, np.finfo(theta.dtype).tiny)
+    converged = jnp.all(residuals[wanted] <= tol * scale)
+    finite = jnp.all(jnp.isfinite(jnp.where(valid, theta, 0)))
+    return _Ritz(theta, S, residuals, order, scale, converged, finite)
+
+
+def _test_early(settings: Settings, s: _State, early: jax.Array, tol: Any) -> _State:
+    """While the basis fills: stop with the current pairs if they converged."""
+
+    def test() -> tuple:  # small arrays only: the basis stays out of the branches
+        ritz = _ritz(settings, s, tol)
+        status = jnp.where(ritz.converged, CONVERGED, RUNNING)
+        status = jnp.where(ritz.finite, status, NONFINITE)
+        keep = status != RUNNING
+        chosen = [jnp.where(keep, new, old) for new, old in
+                  zip(ritz[:5], (s.theta, s.S, s.residuals, s.order, s.scale))]  # fmt: skip
+        return (*chosen, status.astype(jnp.int32))
+
+    def skip() -> tuple:
+        return s.theta, s.S, s.residuals, s.order, s.scale, s.status
+
+    theta, S, residuals, order, scale, status = jax.lax.cond(early, test, skip)
+    return s._replace(theta=theta, S=S, residuals=residuals, order=order, scale=scale,
+                      status=status)  # fmt: skip
 
 
 def _test_and_restart(settings: Settings, s: _State, maxiter: Any, tol: Any) -> _State:
-    """With a full basis: Ritz pairs, the convergence test, and a restart if needed."""
+    """After the basis filled (or the loop stopped): the test, and a restart if needed."""
     ncv, k = settings.ncv, settings.k
-    T = jnp.triu(s.H) + jnp.triu(s.H, k=1).T
-    theta, S = jnp.linalg.eigh(T)
-    residuals = s.resid * jnp.abs(S[ncv - 1, :])
-    order = _order(theta, settings.which)
-    wanted = order[:k]
-    scale = jnp.maximum(jnp.max(jnp.abs(theta)), np.finfo(theta.dtype).tiny)
-    converged = jnp.all(residuals[wanted] <= tol * scale)
+    ritz = _ritz(settings, s, tol)
     spans_all = ncv == settings.n
     stopped = spans_all | (s.restarts >= maxiter)
-    status = jnp.where(converged, CONVERGED, jnp.where(stopped, STOPPED, RUNNING))
-    status = jnp.where(jnp.all(jnp.isfinite(theta)), status, NONFINITE)
-    s = s._replace(theta=theta, S=S, residuals=residuals, status=status.astype(jnp.int32))
+    status = jnp.where(ritz.converged, CONVERGED, jnp.where(stopped, STOPPED, RUNNING))
+    status = jnp.where(ritz.finite, status, NONFINITE)
+    running = s.status == RUNNING  # not yet stopped by the test while filling
+    tested = {name: getattr(ritz, name) for name in ("theta", "S", "residuals", "order", "scale")}
+    tested["status"] = status.astype(jnp.int32)  # the basis stays out of the selection
+    s = s._replace(**{name: jnp.where(running, new, getattr(s, name))
+                      for name, new in tested.items()})  # fmt: skip
     keep = max(k, min(ncv - 1, k + (ncv - k) // 2))
-    return _restart(s, order, keep, status == RUNNING)
+    return _restart(s, s.order, keep, s.status == RUNNING)
 
 
 def _restart(s: _State, order: jax.Array, keep: int, restart: jax.Array) -> _State:
