@@ -125,3 +125,21 @@ def test_slq_floor_meets_the_dense_reference_on_a_tiny_cnn():
     run, _, _ = task_slq._floor(make_problem("cnn", dtype="float32", quick=True), reference)
     assert task_slq.error(run((16, 60)), reference) <= task_slq.SLQ.accuracy
     assert task_slq.error(run((1, 5)), reference) > task_slq.SLQ.accuracy
+
+
+def test_alternating_top5_runs_every_contender_and_compares_their_values(capsys):
+    pytest.importorskip("hessian_eigenthings")
+    from benchmarks import eigsh_alternating
+    from benchmarks.contenders import load_cfp
+
+    try:
+        load_cfp()
+    except Exception as error:  # noqa: BLE001 - not installed where the set-up did not run
+        pytest.skip(f"curvlinops-for-pytorch 3.0.1 not available: {error}")
+    eigsh_alternating.main(["mlp", "--quick", "--ours-tol", "1e-6", "--he-steps", "200",
+                            "--cfp-tol", "1e-6", "--rounds", "1"])  # fmt: skip
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines()]
+    contenders = [row for row in rows if len(row) > 7 and "(" in row[2]]
+    assert [row[2].split()[0] for row in contenders] == ["ours", "hessian-eigenthings", "cfp"]
+    for row in contenders:
+        assert float(row[3]) > 0 and float(row[7]) < 1e-4  # same top-5 eigenvalues as ours
